@@ -1,0 +1,58 @@
+"""Which implementation of the four primitives runs for a tensor.
+
+    cuda tensor -> triton          cpu tensor -> cpp (or reference if the extension is missing)
+
+The environment variable FUSED_BACKEND (auto, cpp, triton, reference) overrides the choice;
+`triton` on CPU tensors runs the kernels in Triton's interpreter (set TRITON_INTERPRET=1
+before the kernels are imported)."""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+from . import _ext, reference
+
+BACKENDS = ("auto", "cpp", "triton", "reference")
+
+_reference = SimpleNamespace(name="reference", stats=reference.stats, apply=reference.apply,
+                             backward_reduce=reference.backward_reduce,
+                             backward_apply=reference.backward_apply)
+
+
+def requested() -> str:
+    value = os.environ.get("FUSED_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"FUSED_BACKEND={value!r} is not one of {BACKENDS}")
+    return value
+
+
+def name_for(device: torch.device | str = "cpu") -> str:
+    """The backend that runs for tensors on `device`."""
+    choice = requested()
+    device = torch.device(device)
+    if choice == "auto":
+        if device.type == "cuda":
+            return "triton"
+        return "cpp" if _ext.loaded else "reference"
+    if choice == "cpp":
+        if not _ext.loaded:
+            raise RuntimeError(f"FUSED_BACKEND=cpp but the C++ extension is not loaded: "
+                               f"{_ext.error()}")
+        if device.type != "cpu":
+            raise RuntimeError(f"FUSED_BACKEND=cpp runs on CPU tensors only, got {device}")
+    return choice
+
+
+def primitives(t: torch.Tensor):
+    """The four primitives for tensor t: an object with stats, apply, backward_reduce,
+    backward_apply."""
+    name = name_for(t.device)
+    if name == "cpp":
+        from . import _cpp
+        return _cpp
+    if name == "triton":
+        from .triton import primitives as triton_primitives
+        return triton_primitives
+    return _reference

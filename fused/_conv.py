@@ -1,0 +1,54 @@
+"""Thin helpers around ATen's convolution, shared by the orders (the convolution itself stays
+in ATen/oneDNN on CPU: DESIGN §4)."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def pair(value, name: str) -> List[int]:
+    if isinstance(value, str):
+        raise ValueError(f"{name}={value!r}: string padding modes are not supported by the "
+                         f"fused ops; give the padding in pixels")
+    if isinstance(value, int):
+        return [value, value]
+    value = [int(v) for v in value]
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {value}")
+    return value
+
+
+def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+         padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False,
+                                      [0, 0], groups)
+
+
+def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation,
+                  groups: int, mask: Sequence[bool]):
+    """(d input, d weight, d bias) of conv(x, weight) for gradient `grad`; entries not in
+    `mask` are None."""
+    return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]], stride,
+                                               padding, dilation, False, [0, 0], groups,
+                                               list(mask))
+
+
+def scale_in_channels(weight: Tensor, scale: Tensor, groups: int) -> Tensor:
+    """weight[o, j, :, :] · scale[c(o, j)], c the input channel that weight entry reads.
+
+    With groups, output channel o of group g reads input channels g·(C/groups) + j."""
+    out_channels, per_group = weight.shape[:2]
+    w = weight.to(scale.dtype).view(groups, out_channels // groups, per_group, *weight.shape[2:])
+    s = scale.view(groups, 1, per_group, 1, 1)
+    return (w * s).view(weight.shape).to(weight.dtype)
+
+
+def scale_out_channels(weight: Tensor, scale: Tensor) -> Tensor:
+    return (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
+
+
+def empty_like_or_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """Custom ops cannot return None: an empty tensor stands for 'no gradient'."""
+    return t if t is not None else like.new_empty(0)

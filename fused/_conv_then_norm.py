@@ -1,0 +1,184 @@
+"""conv → norm with the ReLU on either side: the op behind conv-bn-relu and conv-relu-bn.
+
+Forward, y = conv(x, W) + bias, relu_mode AFTER (conv-bn-relu) or BEFORE (conv-relu-bn):
+
+    batch statistics:   mean, var = stats(y)          one read of y (of relu(y) for BEFORE)
+                        out = apply(y, s, b)          one read of y, one write
+    fixed statistics:   AFTER/NONE fold into the convolution:
+                            out = relu(conv(x, W·s_o, bias·s + b))      no pass over y at all
+                        BEFORE cannot fold (the ReLU sits between conv and norm):
+                            out = apply(y, s, b)
+
+Saved for backward: x, y and the per-channel statistics; the ReLU mask is recomputed from y
+(AFTER: y·s + b > 0; BEFORE: y > 0). The folded eval path saves x and out instead of y.
+
+Backward (see _norm for the coefficients):
+
+    Σg', Σg'(y_in − mean) = backward_reduce(g, y)        one read of g and y
+    dy = backward_apply(g, y)                            one read of g and y, one write
+    dx, dW, dbias = conv_backward(dy, x, W)
+
+Folded eval backward, g' = g·[out > 0], W' = W·s:
+
+    dx, G, Σg' = conv_backward(g', x, W')        G = wgrad(x, g')
+    dW = s·G     dbias = s·Σg'     dbeta = Σg'
+    dgamma = rstd·Σg'·(y − mean) = rstd·(⟨G_o, W_o⟩ + (bias − mean)·Σg')
+because Σ g'·conv(x, W)_o = ⟨wgrad(x, g')_o, W_o⟩: y is never rebuilt.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _backend, _conv, _norm
+from .reference import RELU_AFTER, RELU_BEFORE
+
+
+def _folds(batch_stats: bool, relu_mode: int) -> bool:
+    return not batch_stats and relu_mode != RELU_BEFORE
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("bnorder::conv_norm_forward", mutates_args=())
+def conv_norm_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+                      padding: List[int], dilation: List[int], groups: int,
+                      gamma: Optional[Tensor], beta: Optional[Tensor],
+                      mean_in: Optional[Tensor], var_in: Optional[Tensor], eps: float,
+                      norm: str, relu_mode: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, y, batch mean, batch var); y, mean, var are empty where not used."""
+    channels = weight.shape[0]
+    batch_stats = norm != "affine" and mean_in is None
+    empty = x.new_empty(0, dtype=_acc(x))
+    if _folds(batch_stats, relu_mode):
+        scale, shift, _, _ = _norm.coefficients(norm, mean_in, var_in, gamma, beta, eps,
+                                                channels, x)
+        folded_bias = shift if bias is None else bias.to(scale.dtype) * scale + shift
+        out = _conv.conv(x, _conv.scale_out_channels(weight, scale), folded_bias.to(x.dtype),
+                         stride, padding, dilation, groups)
+        if relu_mode == RELU_AFTER:
+            out.relu_()
+        return out, x.new_empty(0), empty, empty.clone()
+    y = _conv.conv(x, weight, bias, stride, padding, dilation, groups)
+    prims = _backend.primitives(y)
+    if batch_stats:
+        mean, var = prims.stats(y, relu_mode)
+    else:
+        mean, var = mean_in, var_in
+    scale, shift, _, _ = _norm.coefficients(norm, mean, var, gamma, beta, eps, channels, x)
+    out = prims.apply(y, scale, shift, relu_mode)
+    if not batch_stats:
+        mean, var = empty, empty.clone()
+    return out, y, mean, var
+
+
+@conv_norm_forward.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
+      norm, relu_mode):
+    batch_stats = norm != "affine" and mean_in is None
+    y = _conv.conv(x, weight, bias, stride, padding, dilation, groups)
+    stat = x.new_empty(weight.shape[0] if batch_stats else 0, dtype=_acc(x))
+    if _folds(batch_stats, relu_mode):
+        return y, x.new_empty(0), stat, stat.clone()
+    return torch.empty_like(y), y, stat, stat.clone()
+
+
+@torch.library.custom_op("bnorder::conv_norm_backward", mutates_args=())
+def conv_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                       y: Tensor, out: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
+                       gamma: Optional[Tensor], beta: Optional[Tensor], stride: List[int],
+                       padding: List[int], dilation: List[int], groups: int, eps: float,
+                       norm: str, relu_mode: int, batch_stats: bool, grad_mask: List[bool]
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dgamma, dbeta); empty tensors for gradients not asked for."""
+    channels = weight.shape[0]
+    scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
+                                                    channels, x)
+    conv_mask = grad_mask[:3]
+    if _folds(batch_stats, relu_mode):
+        g = (torch.ops.aten.threshold_backward(grad, out, 0) if relu_mode == RELU_AFTER
+             else grad)
+        dx, wgrad, sum_g = _conv.conv_backward(
+            g, x, _conv.scale_out_channels(weight, scale), stride, padding, dilation, groups,
+            [conv_mask[0], True, True])
+        sum_g = sum_g.to(scale.dtype)
+        wgrad_acc = wgrad.to(scale.dtype)
+        dweight = _conv.scale_out_channels(wgrad, scale)
+        dbias = (scale * sum_g).to(x.dtype) if conv_mask[2] else None
+        bias_c = bias.to(scale.dtype) if bias is not None else torch.zeros_like(scale)
+        weighted = (wgrad_acc * weight.to(scale.dtype)).flatten(1).sum(1)
+        dgamma = rstd * (weighted + (bias_c - mean_c) * sum_g)
+        dbeta = sum_g
+    else:
+        prims = _backend.primitives(y)
+        grad = grad.contiguous(memory_format=_memory_format(y))
+        sum_g, sum_gtc = prims.backward_reduce(grad, y, mean_c, scale, shift, relu_mode)
+        count = y.numel() // channels
+        k1, k2, k3, dgamma, dbeta = _norm.backward_coefficients(sum_g, sum_gtc, scale, rstd,
+                                                                count, batch_stats)
+        dy = prims.backward_apply(grad, y, mean_c, scale, shift, k1, k2, k3, relu_mode)
+        dx, dweight, dbias = _conv.conv_backward(dy, x, weight, stride, padding, dilation,
+                                                 groups, conv_mask)
+    e = x.new_empty(0)
+    return (_conv.empty_like_or_none(dx, e), _conv.empty_like_or_none(dweight, e),
+            _conv.empty_like_or_none(dbias, e), dgamma, dbeta)
+
+
+@conv_norm_backward.register_fake
+def _(grad, x, weight, bias, y, out, mean, var, gamma, beta, stride, padding, dilation, groups,
+      eps, norm, relu_mode, batch_stats, grad_mask):
+    stat = x.new_empty(weight.shape[0], dtype=_acc(x))
+    e = x.new_empty(0)
+    return (torch.empty_like(x) if grad_mask[0] else e,
+            torch.empty_like(weight) if grad_mask[1] else e,
+            x.new_empty(weight.shape[0]) if grad_mask[2] else e, stat, stat.clone())
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
+     norm, relu_mode) = inputs
+    out, y, mean, var = output
+    batch_stats = norm != "affine" and mean_in is None
+    if not batch_stats:
+        mean, var = mean_in, var_in
+    folded = _folds(batch_stats, relu_mode)
+    ctx.save_for_backward(x, weight, bias, y, out if folded else None, mean, var, gamma, beta)
+    ctx.args = (stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats)
+
+
+def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
+    x, weight, bias, y, out, mean, var, gamma, beta = ctx.saved_tensors
+    stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats = ctx.args
+    needs = ctx.needs_input_grad
+    grad_mask = [needs[0], needs[1], bias is not None and needs[2]]
+    e = x.new_empty(0)
+    dx, dweight, dbias, dgamma, dbeta = conv_norm_backward(
+        grad_out, x, weight, bias, y, e if out is None else out, mean, var, gamma, beta,
+        stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, grad_mask)
+    dgamma = dgamma.to(gamma.dtype) if gamma is not None and needs[7] else None
+    dbeta = dbeta.to(beta.dtype) if beta is not None and needs[8] else None
+    return (dx if grad_mask[0] else None, dweight if grad_mask[1] else None,
+            dbias if grad_mask[2] else None, None, None, None, None, dgamma, dbeta,
+            None, None, None, None, None)
+
+
+conv_norm_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def forward(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in,
+            eps, norm, relu_mode):
+    """The order-specific step of `_unit.run`: (out, batch mean, batch var, count)."""
+    out, _y, mean, var = conv_norm_forward(x, weight, bias, stride, padding, dilation, groups,
+                                           gamma, beta, mean_in, var_in, eps, norm, relu_mode)
+    return out, mean, var, out.numel() // out.shape[1]

@@ -1,0 +1,53 @@
+"""The C++ CPU primitives (csrc/) behind the `cpp` backend, with fake implementations so
+that torch.library.opcheck and torch.compile can reason about them."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _ext  # noqa: F401  (loading the extension registers the ops)
+
+name = "cpp"
+_ops = torch.ops.bnorder_cpu
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def stats(t: Tensor, relu_mode: int):
+    return _ops.stats(t, relu_mode)
+
+
+def apply(t: Tensor, scale: Tensor, shift: Tensor, relu_mode: int) -> Tensor:
+    return _ops.apply(t, scale, shift, relu_mode)
+
+
+def backward_reduce(g: Tensor, t: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                    relu_mode: int):
+    return _ops.backward_reduce(g, t, mean, scale, shift, relu_mode)
+
+
+def backward_apply(g: Tensor, t: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                   k1: Tensor, k2: Tensor, k3: Tensor, relu_mode: int) -> Tensor:
+    return _ops.backward_apply(g, t, mean, scale, shift, k1, k2, k3, relu_mode)
+
+
+if _ext.loaded:
+    @torch.library.register_fake("bnorder_cpu::stats")
+    def _(t, relu_mode):
+        c = t.shape[1]
+        return t.new_empty(c, dtype=_acc(t)), t.new_empty(c, dtype=_acc(t))
+
+    @torch.library.register_fake("bnorder_cpu::apply")
+    def _(t, scale, shift, relu_mode):
+        return torch.empty_like(t)
+
+    @torch.library.register_fake("bnorder_cpu::backward_reduce")
+    def _(g, t, mean, scale, shift, relu_mode):
+        c = t.shape[1]
+        return t.new_empty(c, dtype=_acc(t)), t.new_empty(c, dtype=_acc(t))
+
+    @torch.library.register_fake("bnorder_cpu::backward_apply")
+    def _(g, t, mean, scale, shift, k1, k2, k3, relu_mode):
+        return torch.empty_like(t)

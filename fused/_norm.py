@@ -1,0 +1,156 @@
+"""The norm algebra shared by every order and every backend.
+
+Every order reduces its norm to per-channel coefficients around the four primitives:
+
+forward (DESIGN §2), with t the tensor the norm sees:
+
+    batch statistics:  mean_c, var_c = stats(t)          rstd_c = 1/sqrt(var_c + eps)
+    bn:        s_c = gamma_c·rstd_c     b_c = beta_c − mean_c·s_c
+    bn-minus:  s_c = rstd_c             b_c = −mean_c·s_c
+    affine:    s_c = gamma_c            b_c = beta_c                  (no statistics)
+    norm(t) = t·s_c + b_c
+
+backward, with g' the gradient at the norm's output (ReLU mask applied) and t̂ = (t − mean)·rstd:
+
+    Σg' and Σg'·(t − mean) = backward_reduce(g, t)
+    dbeta = Σg'                 dgamma = rstd·Σg'·(t − mean) = Σg'·t̂
+    batch statistics:  dt = s·(g' − dbeta/M − t̂·dgamma/M)
+                          = g'·k1 + (t − mean)·k2 + k3,
+                       k1 = s,  k2 = −s·rstd²·Σg'(t − mean)/M,  k3 = −s·Σg'/M
+    fixed statistics (eval) or affine:  k1 = s, k2 = k3 = 0.
+
+``backward_apply`` evaluates the last line, so one formula serves training, eval, bn,
+bn-minus and affine alike.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .reference import NORMS
+
+NORM_CODES = {"bn": 0, "bn-minus": 1, "affine": 2}
+
+
+def uses_batch_stats(norm: str, training: bool, running_mean: Optional[Tensor]) -> bool:
+    """nn.BatchNorm2d's rule: batch statistics in training, or when no running stats exist."""
+    return norm in ("bn", "bn-minus") and (training or running_mean is None)
+
+
+def rstd_of(var: Tensor, eps: float) -> Tensor:
+    return torch.rsqrt(var + eps)
+
+
+def coefficients(norm: str, mean: Optional[Tensor], var: Optional[Tensor],
+                 gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
+                 channels: int, like: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(scale, shift, mean, rstd) as float32/float64 per-channel vectors.
+
+    For the affine norm mean = 0 and rstd = 1, so that the same backward formula gives
+    dgamma = Σg'·t."""
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if norm == "affine":
+        scale = gamma.to(acc)
+        shift = beta.to(acc)
+        zeros = torch.zeros(channels, dtype=acc, device=like.device)
+        return scale, shift, zeros, torch.ones_like(zeros)
+    mean = mean.to(acc)
+    rstd = rstd_of(var.to(acc), eps)
+    scale = rstd * gamma.to(acc) if norm == "bn" else rstd
+    shift = -mean * scale
+    if norm == "bn":
+        shift = shift + beta.to(acc)
+    return scale, shift, mean, rstd
+
+
+def backward_coefficients(sum_g: Tensor, sum_gtc: Tensor, scale: Tensor, rstd: Tensor,
+                          count: int, batch_stats: bool):
+    """(k1, k2, k3, dgamma, dbeta) from the two backward sums."""
+    dbeta = sum_g
+    dgamma = sum_gtc * rstd
+    if not batch_stats:
+        zeros = torch.zeros_like(scale)
+        return scale, zeros, zeros, dgamma, dbeta
+    k2 = -scale * rstd * dgamma / count
+    k3 = -scale * sum_g / count
+    return scale, k2, k3, dgamma, dbeta
+
+
+def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         mean: Tensor, var: Tensor, count: int, momentum: float) -> None:
+    """nn.BatchNorm2d's update: exponential average with the unbiased batch variance."""
+    if running_mean is None:
+        return
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1))
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def conv_output_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, int]:
+    """F.conv2d's output height and width."""
+    return tuple((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1)
+                 // stride[i] + 1 for i in range(2))
+
+
+def check_unit_inputs(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      stride, padding, dilation, groups: int, norm: str, norm_channels_of: str,
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                      training: bool) -> int:
+    """Validate a unit's arguments with messages that name the problem; returns the
+    number of channels the norm sees."""
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError(f"{op}: input and weight must be tensors")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: expected a 4-D input (N, C, H, W), got {x.dim()}-D "
+                         f"input of size {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"{op}: expected a 4-D conv weight (out, in/groups, kH, kW), got "
+                         f"size {tuple(weight.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: input must be a floating-point tensor, got {x.dtype}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
+    if groups < 1 or x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"{op}: input has {x.shape[1]} channels but the conv weight expects "
+                         f"{weight.shape[1] * groups} (weight {tuple(weight.shape)}, "
+                         f"groups={groups})")
+    if weight.shape[0] % groups:
+        raise ValueError(f"{op}: out_channels {weight.shape[0]} is not divisible by "
+                         f"groups={groups}")
+    if norm not in NORMS:
+        raise ValueError(f"{op}: unknown norm {norm!r}; expected one of {NORMS}")
+    channels = x.shape[1] if norm_channels_of == "input" else weight.shape[0]
+    tensors = {"input": x, "weight": weight, "bias": bias, "running_mean": running_mean,
+               "running_var": running_var, "norm_weight": norm_weight, "norm_bias": norm_bias}
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but input is on {x.device}; "
+                               f"all tensors must be on one device")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: conv bias must have shape ({weight.shape[0]},), "
+                         f"got {tuple(bias.shape)}")
+    if norm in ("bn", "affine"):
+        if norm_weight is None or norm_bias is None:
+            raise ValueError(f"{op}: norm={norm!r} needs norm_weight and norm_bias")
+    for name in ("running_mean", "running_var", "norm_weight", "norm_bias"):
+        t = tensors[name]
+        if t is not None and norm != "none" and tuple(t.shape) != (channels,):
+            raise ValueError(f"{op}: {name} must have shape ({channels},) for the "
+                             f"{channels} channels the norm sees, got {tuple(t.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+    if norm in ("bn", "bn-minus") and training:
+        if norm_channels_of == "input":
+            size = x.shape
+        else:
+            size = torch.Size((x.shape[0], channels) +
+                              conv_output_hw(x, weight, stride, padding, dilation))
+        if size[0] * size[2] * size[3] == 1:
+            # The message nn.BatchNorm2d gives, so that users recognize it.
+            raise ValueError(f"Expected more than 1 value per channel when training, "
+                             f"got input size {size}")
+    return channels

@@ -1,0 +1,162 @@
+"""bn-conv-relu: a = relu(conv(norm(x), W) + bias), without ever materializing norm(x).
+
+Forward. With norm(x) = x·s_c + b_c and zero padding applied *after* the norm,
+
+    conv(norm(x), W) = conv(x, W·s) + conv(B, W)
+
+where W·s scales each weight by the scale of the input channel it reads and B is the
+1×C×H×W image holding b_c (the padding stays 0). conv(B, W) is one single-image
+convolution broadcast over the batch, 1/N of the main convolution's work:
+
+    mean, var = stats(x)                      one read of x (training only)
+    z = conv(x, W·s, bias) + conv(B, W)       the norm costs no pass over any activation
+    a = relu(z)                               in place
+
+Saved for backward: x, the statistics and a (the ReLU mask is a > 0; a is the next layer's
+input, so it is stored anyway).
+
+Backward, g_z = g·[a > 0]:
+
+    dn, G, dbias = conv_backward(g_z, x, W)          dn = ∂L/∂norm(x), G = wgrad(x, g_z)
+    dW = s·G + wgrad(B, Σ_n g_z)                     the B term is again a single image
+    Σdn, Σdn·(x − mean) = backward_reduce(dn, x)
+    dx = backward_apply(dn, x)                       coefficients as in _norm
+
+Eval mode is the same computation with running statistics: the norm folds into the conv
+weights plus the border map conv(B, W).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _backend, _conv, _norm, _unit
+from .reference import RELU_NONE
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _shift_image(shift: Tensor, x: Tensor) -> Tensor:
+    """B: b_c everywhere inside the borders of one image (padding stays zero)."""
+    return shift.to(x.dtype).view(1, -1, 1, 1).expand(1, x.shape[1], x.shape[2],
+                                                      x.shape[3]).contiguous()
+
+
+@torch.library.custom_op("bnorder::norm_conv_forward", mutates_args=())
+def norm_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+                      padding: List[int], dilation: List[int], groups: int,
+                      gamma: Optional[Tensor], beta: Optional[Tensor],
+                      mean_in: Optional[Tensor], var_in: Optional[Tensor], eps: float,
+                      norm: str, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, batch mean, batch var); mean and var are empty where not computed."""
+    channels = x.shape[1]
+    batch_stats = norm != "affine" and mean_in is None
+    prims = _backend.primitives(x)
+    if batch_stats:
+        mean, var = prims.stats(x, RELU_NONE)
+    else:
+        mean, var = mean_in, var_in
+    scale, shift, _, _ = _norm.coefficients(norm, mean, var, gamma, beta, eps, channels, x)
+    z = _conv.conv(x, _conv.scale_in_channels(weight, scale, groups), bias, stride, padding,
+                   dilation, groups)
+    z += _conv.conv(_shift_image(shift, x), weight, None, stride, padding, dilation, groups)
+    if relu:
+        z.relu_()
+    if not batch_stats:
+        empty = x.new_empty(0, dtype=_acc(x))
+        mean, var = empty, empty.clone()
+    return z, mean, var
+
+
+@norm_conv_forward.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
+      norm, relu):
+    batch_stats = norm != "affine" and mean_in is None
+    stat = x.new_empty(x.shape[1] if batch_stats else 0, dtype=_acc(x))
+    return _conv.conv(x, weight, bias, stride, padding, dilation, groups), stat, stat.clone()
+
+
+@torch.library.custom_op("bnorder::norm_conv_backward", mutates_args=())
+def norm_conv_backward(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor,
+                       mean: Optional[Tensor], var: Optional[Tensor], gamma: Optional[Tensor],
+                       beta: Optional[Tensor], stride: List[int], padding: List[int],
+                       dilation: List[int], groups: int, eps: float, norm: str, relu: bool,
+                       batch_stats: bool, grad_mask: List[bool]
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dgamma, dbeta); empty tensors for gradients not asked for."""
+    channels = x.shape[1]
+    scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
+                                                    channels, x)
+    g = torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad
+    dnorm, wgrad, dbias = _conv.conv_backward(g, x, weight, stride, padding, dilation, groups,
+                                              [True, grad_mask[1], grad_mask[2]])
+    dweight = None
+    if grad_mask[1]:
+        shift_image = _shift_image(shift, x)
+        border = _conv.conv_backward(g.sum(0, keepdim=True), shift_image, weight, stride,
+                                     padding, dilation, groups, [False, True, False])[1]
+        dweight = _conv.scale_in_channels(wgrad, scale, groups) + border
+    prims = _backend.primitives(x)
+    sum_g, sum_gtc = prims.backward_reduce(dnorm, x, mean_c, scale, shift, RELU_NONE)
+    k1, k2, k3, dgamma, dbeta = _norm.backward_coefficients(sum_g, sum_gtc, scale, rstd,
+                                                            x.numel() // channels, batch_stats)
+    dx = (prims.backward_apply(dnorm, x, mean_c, scale, shift, k1, k2, k3, RELU_NONE)
+          if grad_mask[0] else None)
+    e = x.new_empty(0)
+    return (_conv.empty_like_or_none(dx, e), _conv.empty_like_or_none(dweight, e),
+            _conv.empty_like_or_none(dbias, e), dgamma, dbeta)
+
+
+@norm_conv_backward.register_fake
+def _(grad, x, out, weight, mean, var, gamma, beta, stride, padding, dilation, groups, eps,
+      norm, relu, batch_stats, grad_mask):
+    stat = x.new_empty(x.shape[1], dtype=_acc(x))
+    e = x.new_empty(0)
+    return (torch.empty_like(x) if grad_mask[0] else e,
+            torch.empty_like(weight) if grad_mask[1] else e,
+            x.new_empty(weight.shape[0]) if grad_mask[2] else e, stat, stat.clone())
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
+     norm, relu) = inputs
+    out, mean, var = output
+    batch_stats = norm != "affine" and mean_in is None
+    if not batch_stats:
+        mean, var = mean_in, var_in
+    ctx.save_for_backward(x, out if relu else None, weight, mean, var, gamma, beta)
+    ctx.args = (stride, padding, dilation, groups, eps, norm, relu, batch_stats,
+                bias is not None)
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    x, out, weight, mean, var, gamma, beta = ctx.saved_tensors
+    stride, padding, dilation, groups, eps, norm, relu, batch_stats, has_bias = ctx.args
+    needs = ctx.needs_input_grad
+    grad_mask = [needs[0], needs[1], has_bias and needs[2]]
+    dx, dweight, dbias, dgamma, dbeta = norm_conv_backward(
+        grad_out, x, x.new_empty(0) if out is None else out, weight, mean, var, gamma, beta,
+        stride, padding, dilation, groups, eps, norm, relu, batch_stats, grad_mask)
+    dgamma = dgamma.to(gamma.dtype) if gamma is not None and needs[7] else None
+    dbeta = dbeta.to(beta.dtype) if beta is not None and needs[8] else None
+    return (dx if grad_mask[0] else None, dweight if grad_mask[1] else None,
+            dbias if grad_mask[2] else None, None, None, None, None, dgamma, dbeta,
+            None, None, None, None, None)
+
+
+norm_conv_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _forward(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in,
+             eps, norm, relu_mode):
+    out, mean, var = norm_conv_forward(x, weight, bias, stride, padding, dilation, groups,
+                                       gamma, beta, mean_in, var_in, eps, norm,
+                                       relu_mode != RELU_NONE)
+    return out, mean, var, x.numel() // x.shape[1]
+
+
+bn_conv_relu = _unit.functional("bn-conv-relu", _forward, "relu(conv2d(norm(input)))")
