@@ -1,0 +1,26 @@
+# bnorder: `make test` and `make run` set everything up on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.bnorder-setup
+
+.PHONY: setup test test-all clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import fused; assert fused.extension_error() is None, fused.extension_error()"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+# Everything, including the long checks behind the `slow` marker.
+test-all: setup
+	$(PY) -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) build *.egg-info fused/_C*.so

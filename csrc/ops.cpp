@@ -1,0 +1,25 @@
+// Registers the CPU primitives as torch.ops.bnorder_cpu.* (fake implementations live in
+// fused/_cpp.py).
+#include "primitives.h"
+
+TORCH_LIBRARY(bnorder_cpu, m) {
+  m.def("stats(Tensor t, int relu_mode) -> (Tensor mean, Tensor var)");
+  m.def("apply(Tensor t, Tensor scale, Tensor shift, int relu_mode) -> Tensor");
+  m.def("backward_reduce(Tensor g, Tensor t, Tensor mean, Tensor scale, Tensor shift, "
+        "int relu_mode) -> (Tensor sum_g, Tensor sum_gt)");
+  m.def("backward_apply(Tensor g, Tensor t, Tensor mean, Tensor scale, Tensor shift, "
+        "Tensor k1, Tensor k2, Tensor k3, int relu_mode) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bnorder_cpu, CPU, m) {
+  m.impl("stats", &bnorder::stats);
+  m.impl("apply", &bnorder::apply);
+  m.impl("backward_reduce", &bnorder::backward_reduce);
+  m.impl("backward_apply", &bnorder::backward_apply);
+}
+
+// An importable Python module: `from fused import _C` loads the library and runs the
+// registrations above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bnorder CPU kernels (registered as torch.ops.bnorder_cpu)";
+}

@@ -1,0 +1,42 @@
+// The four batch-norm primitives on the CPU (DESIGN §4), shared by every order:
+//
+//   stats            t            -> mean_c, var_c                    one read
+//   apply            t            -> act(t·s_c + b_c) / relu(t)·s_c + b_c   one read, one write
+//   backward_reduce  g, t         -> Σg', Σg'·(t_in − mean_c)         one read of each
+//   backward_apply   g, t         -> mask·(g'·k1 + (t_in − mean)·k2 + k3)   one read of each, one write
+//
+// relu_mode: 0 none, 1 ReLU after the norm (g' = g·[t·s + b > 0]), 2 ReLU before the norm
+// (t_in = relu(t), dt masked by t > 0).
+//
+// Two layouts, each with loops the compiler vectorizes:
+//   NCHW (contiguous):        a channel is N planes of S = H·W contiguous values
+//   NHWC (channels_last, and 2-D (N, C)): M = N·H·W rows of C contiguous channels
+//
+// Variance is computed without E[t²] − E[t]²: each plane (NCHW) or block of rows (NHWC) is
+// reduced twice while it is in cache — its mean, then its squared deviations around that
+// mean — and the blocks are merged with Chan's formula in double precision. Data with mean
+// 1e4 and std 1 is therefore as exact as the eager two-pass result.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace bnorder {
+
+constexpr int64_t RELU_NONE = 0, RELU_AFTER = 1, RELU_BEFORE = 2;
+
+std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& t, int64_t relu_mode);
+
+at::Tensor apply(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift,
+                 int64_t relu_mode);
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& g, const at::Tensor& t,
+                                                   const at::Tensor& mean,
+                                                   const at::Tensor& scale,
+                                                   const at::Tensor& shift, int64_t relu_mode);
+
+at::Tensor backward_apply(const at::Tensor& g, const at::Tensor& t, const at::Tensor& mean,
+                          const at::Tensor& scale, const at::Tensor& shift,
+                          const at::Tensor& k1, const at::Tensor& k2, const at::Tensor& k3,
+                          int64_t relu_mode);
+
+}  // namespace bnorder
