@@ -1,0 +1,133 @@
+"""ResNets (He et al. 2015): ResNet-20 for CIFAR and ResNet-18/34/50/101.
+
+A block's residual branch is its units in sequence (basic: 3×3 → 3×3; bottleneck:
+1×1 → 3×3 (stride here, as torchvision's "v1.5") → 1×1 at 4× width). Where the order ends
+with ReLU, the last unit of the branch is built with relu=False and the ReLU follows the
+addition; with conv-relu-bn the branch ends with the norm and is added as it is:
+
+    conv-bn-relu                 conv-relu-bn                 bn-conv-relu
+    x ─┬─ conv N relu            x ─┬─ conv relu N            x ─┬─ N conv relu
+       │  conv N                    │  conv relu N               │  N conv
+       └─ shortcut ─(+)─ relu       └─ shortcut ─(+)─►           └─ shortcut ─(+)─ relu
+
+Shortcuts: identity where shape is kept. Where it changes, ResNet-20 uses the
+parameter-free option A (subsample by the stride, zero-pad the new channels) and
+ResNet-18/34/50/101 a projection: a 1×1 strided unit with relu=False, so its norm follows
+the chosen norm and order (conv → N, conv → N, N → conv).
+
+Stems: ResNet-20 (32×32 input): U(3×3, 16). ResNet-18+ by default the ImageNet stem
+(224×224 input): U(7×7/2, 64) → maxpool 3×3/2; with `stem="cifar"`: U(3×3, 64), no pool.
+With bn-conv-relu the stem unit's norm sees the raw image (a learned input standardization,
+kept by default; `input_norm=False` empties that one slot), and the first block's norm sees
+the max-pooled tensor. Then global average pooling and the Linear classifier.
+
+With conv-bn-relu and norm bn the parameter counts equal the published ones (1000 classes:
+ResNet-18 11,689,512, -34 21,797,672, -50 25,557,032, -101 44,549,160; ResNet-20 with 10
+classes: 269,722). bn-conv-relu's norms count input channels, so its counts differ a little.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._blocks import Units
+
+
+class ShortcutA(nn.Module):
+    """Option A: x[:, :, ::stride, ::stride] with zero channels added around it."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.stride, self.extra = stride, out_channels - in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+class Block(nn.Module):
+    """One residual block; `branch` holds its units, `shortcut` the identity, option A or
+    the projection unit."""
+
+    def __init__(self, units: Units, in_channels: int, width: int, stride: int, *,
+                 bottleneck: bool, projection: bool):
+        super().__init__()
+        out = width * (4 if bottleneck else 1)
+        if bottleneck:
+            shapes = [(in_channels, width, 1, 1, 0), (width, width, 3, stride, 1),
+                      (width, out, 1, 1, 0)]
+        else:
+            shapes = [(in_channels, width, 3, stride, 1), (width, width, 3, 1, 1)]
+        last = len(shapes) - 1
+        self.branch = nn.Sequential(*(
+            units(*shape, relu=(i < last or not units.relu_after_add))
+            for i, shape in enumerate(shapes)))
+        if stride == 1 and in_channels == out:
+            self.shortcut = nn.Identity()
+        elif projection:
+            self.shortcut = units(in_channels, out, 1, stride, 0, relu=False)
+        else:
+            self.shortcut = ShortcutA(in_channels, out, stride)
+        self.relu_after_add = units.relu_after_add
+        self.out_channels = out
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.branch(x) + self.shortcut(x)
+        return F.relu(out) if self.relu_after_add else out
+
+
+class ResNet(nn.Module):
+    """stem → layer1 … layerK (blocks) → global average pool → fc (Linear)."""
+
+    def __init__(self, units: Units, blocks: Sequence[int], widths: Sequence[int], *,
+                 bottleneck: bool, projection: bool, stem: str, in_channels: int,
+                 num_classes: int):
+        super().__init__()
+        if stem == "imagenet":
+            self.stem = nn.Sequential(units(in_channels, widths[0], 7, 2, 3, first=True),
+                                      nn.MaxPool2d(3, 2, 1))
+        elif stem == "cifar":
+            self.stem = nn.Sequential(units(in_channels, widths[0], 3, 1, 1, first=True))
+        else:
+            raise ValueError(f"unknown stem {stem!r}; expected 'imagenet' or 'cifar'")
+        channels = widths[0]
+        self.layers = []
+        for i, (count, width) in enumerate(zip(blocks, widths)):
+            layer = []
+            for j in range(count):
+                block = Block(units, channels, width, 2 if j == 0 and i > 0 else 1,
+                              bottleneck=bottleneck, projection=projection)
+                layer.append(block)
+                channels = block.out_channels
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+            self.layers.append(f"layer{i + 1}")
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for name in self.layers:
+            x = getattr(self, name)(x)
+        return self.fc(self.pool(x).flatten(1))
+
+
+def resnet20(units: Units, *, in_channels: int, num_classes: int) -> ResNet:
+    return ResNet(units, (3, 3, 3), (16, 32, 64), bottleneck=False, projection=False,
+                  stem="cifar", in_channels=in_channels, num_classes=num_classes)
+
+
+def _imagenet_resnet(blocks: Sequence[int], bottleneck: bool):
+    def build(units: Units, *, in_channels: int, num_classes: int,
+              stem: str = "imagenet") -> ResNet:
+        return ResNet(units, blocks, (64, 128, 256, 512), bottleneck=bottleneck,
+                      projection=True, stem=stem, in_channels=in_channels,
+                      num_classes=num_classes)
+    return build
+
+
+resnet18 = _imagenet_resnet((2, 2, 2, 2), bottleneck=False)
+resnet34 = _imagenet_resnet((3, 4, 6, 3), bottleneck=False)
+resnet50 = _imagenet_resnet((3, 4, 6, 3), bottleneck=True)
+resnet101 = _imagenet_resnet((3, 4, 23, 3), bottleneck=True)
