@@ -1,0 +1,125 @@
+"""What every Triton launcher needs: the interpreter check, the layout of an activation
+tensor as strides, block sizes, and the float32/float64 accumulation type.
+
+Layout. Every BN kernel sees an activation tensor as `outer × inner × channel` with three
+strides, so one kernel serves both memory formats without a per-element division:
+
+    NCHW (contiguous, H·W > 1)     outer = N, inner = H·W,  strides (C·H·W, 1, H·W)
+    channels_last, or H = W = 1    outer = 1, inner = N·H·W, strides (0, C, 1)
+
+A program owns a tile [BLOCK_I inner positions × BLOCK_C channels]; Triton's coalescing pass
+vectorizes along whichever axis has stride 1.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Elements per tile. The interpreter costs ~1-4 ms per program instance whatever its size, so
+# it gets tiles that cover the small test tensors in one or two programs; a GPU wants a few
+# thousand elements per program (16 KB of float32) and enough programs to fill the SMs.
+TILE_ELEMS_GPU = 4096
+TILE_ELEMS_INTERPRETER = 1 << 16
+GPU_PROGRAMS = 1024  # reductions: aim for this many partial tiles (≈ 8 per SM on an H100)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_runnable(t: Tensor, op: str) -> None:
+    """Triton launches CUDA tensors on the GPU and CPU tensors only in the interpreter."""
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and interpreting():
+        return
+    if t.device.type == "cpu":
+        raise RuntimeError(
+            f"{op}: the Triton backend got a CPU tensor but TRITON_INTERPRET is not set; set "
+            f"TRITON_INTERPRET=1 before importing fused (or use FUSED_BACKEND=cpp)")
+    raise RuntimeError(f"{op}: the Triton backend runs on CUDA tensors, got {t.device}")
+
+
+def acc_dtype(t: Tensor) -> torch.dtype:
+    """float64 activations accumulate in float64 (GPUs have it, slowly); all else in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def tl_acc(t: Tensor):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+@dataclass(frozen=True)
+class Geometry:
+    outer: int
+    inner: int
+    channels: int
+    s_outer: int
+    s_inner: int
+    s_channel: int
+
+    @property
+    def channels_fastest(self) -> bool:
+        return self.s_channel == 1 and self.inner > 1
+
+
+def geometry(t: Tensor, op: str) -> Geometry:
+    if t.dim() < 2:
+        raise ValueError(f"{op}: expected a tensor with a channel dimension (N, C, ...), got "
+                         f"{t.dim()}-D input")
+    n, c = t.shape[0], t.shape[1]
+    if c == 0:
+        raise ValueError(f"{op}: the tensor has no channels (size {tuple(t.shape)})")
+    s = t.numel() // (n * c) if n else 0
+    if t.is_contiguous() and (t.dim() == 2 or s == 1):
+        return Geometry(1, n * s, c, 0, c, 1)
+    if t.is_contiguous():
+        return Geometry(n, s, c, c * s, 1, s)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return Geometry(1, n * s, c, 0, c, 1)
+    raise ValueError(f"{op}: expected a contiguous or channels_last tensor, got strides "
+                     f"{t.stride()}; call .contiguous() first")
+
+
+def memory_format(t: Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@dataclass(frozen=True)
+class Tiling:
+    block_i: int
+    block_c: int
+    tiles_per_split: int  # reductions: consecutive inner tiles one program merges
+    splits: int           # reductions: programs per outer index along inner
+
+    def grid(self, geo: Geometry):
+        return (geo.outer * self.splits, triton.cdiv(geo.channels, self.block_c))
+
+
+def tiling(geo: Geometry, reduction: bool) -> Tiling:
+    """Tile shape: the stride-1 axis gets the long side of the tile."""
+    budget = TILE_ELEMS_INTERPRETER if interpreting() else TILE_ELEMS_GPU
+    inner_p2 = triton.next_power_of_2(max(geo.inner, 1))
+    chan_p2 = triton.next_power_of_2(geo.channels)
+    if geo.channels_fastest:
+        block_c = min(chan_p2, 128 if not interpreting() else budget)
+        block_i = max(1, min(inner_p2, budget // block_c))
+    else:
+        block_i = min(inner_p2, budget if interpreting() else 1024)
+        block_c = max(1, min(chan_p2, budget // block_i))
+    tiles = triton.cdiv(max(geo.inner, 1), block_i)
+    if not reduction or interpreting():
+        per_split = tiles if reduction else 1
+    else:
+        programs_wanted = max(1, GPU_PROGRAMS // (geo.outer * triton.cdiv(geo.channels,
+                                                                          block_c)))
+        per_split = max(1, triton.cdiv(tiles, programs_wanted))
+    return Tiling(block_i, block_c, per_split, triton.cdiv(tiles, per_split))
