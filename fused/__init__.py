@@ -14,6 +14,7 @@ from . import _backend, _ext
 from .bn_conv_relu import bn_conv_relu
 from .conv_bn_relu import conv_bn_relu
 from .conv_relu_bn import conv_relu_bn
+from .convert import convert
 from .modules import (Affine2d, BNConvReLU2d, ConvBNReLU2d, ConvReLUBN2d, FusedUnit, Unit,
                       make_norm, make_unit, norm_name)
 from .reference import NORMS, ORDERS
