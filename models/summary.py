@@ -1,12 +1,15 @@
 """Parameters and multiply-accumulates per image for every network × norm."""
 from __future__ import annotations
 
+import copy
+
 from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 
 import fused
+from fused import FusedUnit
 
 
 def count_params(model: nn.Module) -> int:
@@ -16,26 +19,29 @@ def count_params(model: nn.Module) -> int:
 
 def count_macs(model: nn.Module, size: int, in_channels: int = 3) -> int:
     """Multiply-accumulates of the convolutions and Linear layers for one size×size image,
-    counted with forward hooks on the meta device (no memory, no arithmetic). Norms, ReLUs,
-    pools and additions are not counted. `model` must be eager (fused units call their ops
-    without going through conv.forward): `build(..., backend="eager")`."""
+    counted with forward hooks on a meta-device copy (no memory, no arithmetic; `model` is
+    left as it is). Eager or fused: a fused unit calls its op without conv.forward, so it is
+    hooked as a whole (its output has its conv's shape). Norms, ReLUs, pools and additions
+    are not counted."""
     macs = []
 
-    def conv_hook(m: nn.Conv2d, inputs, out):
-        kh, kw = m.kernel_size
-        macs.append(out[0].numel() * (m.in_channels // m.groups) * kh * kw)
+    def conv_hook(m: nn.Module, inputs, out):
+        conv = m.conv if isinstance(m, FusedUnit) else m
+        kh, kw = conv.kernel_size
+        macs.append(out[0].numel() * (conv.in_channels // conv.groups) * kh * kw)
 
     def linear_hook(m: nn.Linear, inputs, out):
         macs.append(out[0].numel() * m.in_features)
 
-    hooks = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    meta = model if next(model.parameters()).is_meta else copy.deepcopy(model).to("meta")
+    hooks = [m.register_forward_hook(linear_hook if isinstance(m, nn.Linear) else conv_hook)
+             for m in meta.modules() if isinstance(m, (nn.Conv2d, nn.Linear, FusedUnit))]
+    training = meta.training
     try:
-        meta = model.to_empty(device="meta") if next(model.parameters()).device.type != "meta" \
-            else model
         with torch.no_grad():
             meta.eval()(torch.empty(1, in_channels, size, size, device="meta"))
     finally:
+        meta.train(training)
         for h in hooks:
             h.remove()
     return sum(macs)
