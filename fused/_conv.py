@@ -49,6 +49,21 @@ def scale_out_channels(weight: Tensor, scale: Tensor) -> Tensor:
     return (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
 
 
+def memory_format_of(t: Tensor) -> torch.memory_format:
+    """channels_last when t is laid out channel-fastest, else contiguous (as ATen suggests)."""
+    if t.dim() == 4 and t.shape[1] > 1 and t.stride(1) == 1 and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def dense(t: Tensor) -> Tensor:
+    """t itself when it is contiguous or channels_last, else a dense copy in its format:
+    the kernels read either layout but not arbitrary strides."""
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return t
+    return t.contiguous(memory_format=memory_format_of(t))
+
+
 def empty_like_or_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     """Custom ops cannot return None: an empty tensor stands for 'no gradient'."""
     return t if t is not None else like.new_empty(0)

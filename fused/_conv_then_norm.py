@@ -115,7 +115,7 @@ def conv_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
         dbeta = sum_g
     else:
         prims = _backend.primitives(y)
-        grad = grad.contiguous(memory_format=_memory_format(y))
+        grad = grad.contiguous(memory_format=_conv.memory_format_of(y))
         sum_g, sum_gtc = prims.backward_reduce(grad, y, mean_c, scale, shift, relu_mode)
         count = y.numel() // channels
         k1, k2, k3, dgamma, dbeta = _norm.backward_coefficients(sum_g, sum_gtc, scale, rstd,
@@ -136,13 +136,6 @@ def _(grad, x, weight, bias, y, out, mean, var, gamma, beta, stride, padding, di
     return (torch.empty_like(x) if grad_mask[0] else e,
             torch.empty_like(weight) if grad_mask[1] else e,
             x.new_empty(weight.shape[0]) if grad_mask[2] else e, stat, stat.clone())
-
-
-def _memory_format(t: Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
-            memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _setup_context(ctx, inputs, output):

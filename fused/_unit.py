@@ -25,6 +25,7 @@ def run(op_name: str, order: str, fused_forward: Callable, input: Tensor, weight
     _norm.check_unit_inputs(op_name, input, weight, bias, stride, padding, dilation, groups,
                             norm, norm_sees, running_mean, running_var, norm_weight,
                             norm_bias, training)
+    input = _conv.dense(input)
     if norm == "none":
         # Nothing to fuse: the unit is conv -> ReLU, exactly as eager runs it.
         y = _conv.conv(input, weight, bias, stride, padding, dilation, groups)

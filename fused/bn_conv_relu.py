@@ -24,6 +24,14 @@ Backward, g_z = g·[a > 0]:
 
 Eval mode is the same computation with running statistics: the norm folds into the conv
 weights plus the border map conv(B, W).
+
+When the fold is not accurate. It is exact in real arithmetic, but x·s and b cancel inside
+the convolution's sum instead of element by element, so in floating point its error grows
+with |mean|/std of the input; in float16/bfloat16 the extra roundings of W·s and of two
+weight gradients also cost more than eager's single rounding. In those cases (16-bit
+activations, or |mean_c|·rstd_c > FOLD_MAX_MEAN_OVER_STD for some channel) the norm is
+applied explicitly, n = apply(x), convolved and dropped; backward recomputes n instead of
+storing it, so norm(x) is still never kept between forward and backward.
 """
 from __future__ import annotations
 
@@ -38,6 +46,16 @@ from .reference import RELU_NONE
 
 def _acc(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+FOLD_MAX_MEAN_OVER_STD = 100.0
+
+
+def _folds(x: Tensor, mean: Tensor, rstd: Tensor) -> bool:
+    """Whether conv(x, W·s) + conv(B, W) is as accurate as conv(norm(x), W) (see above)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return False
+    return bool((mean.abs() * rstd).max() <= FOLD_MAX_MEAN_OVER_STD)
 
 
 def _shift_image(shift: Tensor, x: Tensor) -> Tensor:
@@ -60,10 +78,16 @@ def norm_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride:
         mean, var = prims.stats(x, RELU_NONE)
     else:
         mean, var = mean_in, var_in
-    scale, shift, _, _ = _norm.coefficients(norm, mean, var, gamma, beta, eps, channels, x)
-    z = _conv.conv(x, _conv.scale_in_channels(weight, scale, groups), bias, stride, padding,
-                   dilation, groups)
-    z += _conv.conv(_shift_image(shift, x), weight, None, stride, padding, dilation, groups)
+    scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
+                                                    channels, x)
+    if _folds(x, mean_c, rstd):
+        z = _conv.conv(x, _conv.scale_in_channels(weight, scale, groups), bias, stride,
+                       padding, dilation, groups)
+        z += _conv.conv(_shift_image(shift, x), weight, None, stride, padding, dilation,
+                        groups)
+    else:
+        z = _conv.conv(prims.apply(x, scale, shift, RELU_NONE), weight, bias, stride, padding,
+                       dilation, groups)
     if relu:
         z.relu_()
     if not batch_stats:
@@ -91,16 +115,19 @@ def norm_conv_backward(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor,
     channels = x.shape[1]
     scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
                                                     channels, x)
+    prims = _backend.primitives(x)
     g = torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad
-    dnorm, wgrad, dbias = _conv.conv_backward(g, x, weight, stride, padding, dilation, groups,
-                                              [True, grad_mask[1], grad_mask[2]])
-    dweight = None
-    if grad_mask[1]:
+    folds = _folds(x, mean_c, rstd)
+    conv_input = x if folds else prims.apply(x, scale, shift, RELU_NONE)
+    dnorm, dweight, dbias = _conv.conv_backward(g, conv_input, weight, stride, padding,
+                                                dilation, groups,
+                                                [True, grad_mask[1], grad_mask[2]])
+    dnorm = dnorm.contiguous(memory_format=_conv.memory_format_of(x))
+    if folds and grad_mask[1]:
         shift_image = _shift_image(shift, x)
         border = _conv.conv_backward(g.sum(0, keepdim=True), shift_image, weight, stride,
                                      padding, dilation, groups, [False, True, False])[1]
-        dweight = _conv.scale_in_channels(wgrad, scale, groups) + border
-    prims = _backend.primitives(x)
+        dweight = _conv.scale_in_channels(dweight, scale, groups) + border
     sum_g, sum_gtc = prims.backward_reduce(dnorm, x, mean_c, scale, shift, RELU_NONE)
     k1, k2, k3, dgamma, dbeta = _norm.backward_coefficients(sum_g, sum_gtc, scale, rstd,
                                                             x.numel() // channels, batch_stats)

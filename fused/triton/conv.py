@@ -1,0 +1,215 @@
+"""Launchers for the implicit-GEMM convolution kernels (conv_kernels.py) and the choice between
+them and ATen's convolution.
+
+Choosing the convolution: BNORDER_CONV_IMPL = auto (default) | triton | aten, read at every
+call (so it also applies inside compiled graphs, where the ops are opaque custom ops).
+It only matters where the Triton backend runs (CUDA tensors, or FUSED_BACKEND=triton).
+
+    aten    ATen/cuDNN convolution + the Triton BN primitives (two extra BN passes forward)
+    triton  the fused implicit-GEMM convolution (groups = 1 only; other convs use aten)
+    auto    triton when groups = 1, the dtype is float16/bfloat16/float32, the kernel is
+            1×1 or 3×3 and C_in·kH·kW ≤ AUTO_MAX_REDUCTION; aten otherwise.
+
+Why that rule: the fused kernel saves whole activation passes (the stats pass, the dy
+round trip), which is what dominates when the GEMM is short (small C_in·kH·kW, i.e. the
+memory-bound early layers of CIFAR/ImageNet CNNs), while cuDNN's tuned GEMMs win once the
+convolution is compute-bound. The threshold was *not* measured here (no GPU); a GPU user
+measures it with `python -m fused.check --backend triton`, which times both conv_impl
+values per shape and prints their ratio, then sets BNORDER_CONV_IMPL or AUTO_MAX_REDUCTION.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+from torch import Tensor
+
+from . import _common, conv_kernels as K
+
+CONV_IMPLS = ("auto", "triton", "aten")
+AUTO_MAX_REDUCTION = 64 * 9
+
+
+def requested() -> str:
+    value = os.environ.get("BNORDER_CONV_IMPL", "auto").strip().lower() or "auto"
+    if value not in CONV_IMPLS:
+        raise ValueError(f"BNORDER_CONV_IMPL={value!r} is not one of {CONV_IMPLS}")
+    return value
+
+
+def supported(x: Tensor, weight: Tensor, groups: int) -> bool:
+    return groups == 1 and x.dim() == 4 and x.dtype in (torch.float16, torch.bfloat16,
+                                                         torch.float32, torch.float64)
+
+
+def select(x: Tensor, weight: Tensor, groups: int) -> str:
+    """"triton" or "aten" for this convolution (see the module docstring)."""
+    choice = requested()
+    if choice == "aten" or not supported(x, weight, groups):
+        return "aten"
+    if choice == "triton":
+        return "triton"
+    small_kernel = tuple(weight.shape[2:]) in ((1, 1), (3, 3))
+    short = weight.shape[1] * weight.shape[2] * weight.shape[3] <= AUTO_MAX_REDUCTION
+    return "triton" if (x.dtype != torch.float64 and small_kernel and short) else "aten"
+
+
+# ---------------------------------------------------------------------------------------
+# Launch parameters
+# ---------------------------------------------------------------------------------------
+
+def _dot_flags(t: Tensor) -> dict:
+    low = t.dtype in (torch.float16, torch.bfloat16)
+    tf32 = (t.device.type == "cuda" and t.dtype == torch.float32
+            and torch.backends.cudnn.allow_tf32)
+    return dict(DOT_F32=low and _common.interpreting(),
+                PRECISION="tf32" if tf32 else "ieee")
+
+
+def _block(n: int, gpu_cap: int, interp_cap: int) -> int:
+    """Power-of-two block ≥ 16 (tl.dot's minimum) covering n up to the cap."""
+    cap = interp_cap if _common.interpreting() else gpu_cap
+    return max(16, min(triton.next_power_of_2(max(n, 1)), cap))
+
+
+def _rows_block(rows: int) -> int:
+    return _block(rows, 64, 1024)
+
+
+def output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, int]:
+    return tuple((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1)
+                  - 1) // stride[i] + 1 for i in range(2))
+
+
+def _geometry_args(stride, padding, dilation):
+    return (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+
+
+def _vector(v: Optional[Tensor], like: Tensor, acc: torch.dtype) -> Tensor:
+    return v.to(acc).contiguous() if v is not None else like.new_empty(1, dtype=acc)
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+
+def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int], *,
+                 in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None,
+                 out_scale: Optional[Tensor] = None, out_shift: Optional[Tensor] = None,
+                 relu: bool = False, stats_mode: int = 0):
+    """y = [relu]([·s_o + b_o](conv(x̃, W) + bias)), x̃ = x·in_scale + in_shift if given.
+
+    Returns (y, partial moments (cnt, mean, m2) of y or relu(y), or None); y has x's memory
+    format."""
+    _common.check_runnable(x, "conv_forward")
+    acc = _common.acc_dtype(x)
+    n, c, h, w = x.shape
+    o, _, r, s = weight.shape
+    p, q = output_size(x, weight, stride, padding, dilation)
+    y = torch.empty((n, o, p, q), dtype=x.dtype, device=x.device,
+                    memory_format=_common.memory_format(x))
+    block_m = _rows_block(n * p * q)
+    block_n = _block(o, 64, 128)
+    grid = (triton.cdiv(n * p * q, block_m), triton.cdiv(o, block_n))
+    parts = [torch.empty((grid[0], o) if stats_mode else (1,), dtype=acc, device=x.device)
+             for _ in range(3)]
+    if y.numel():
+        K.conv_fwd_kernel[grid](
+            x, weight, bias if bias is not None else parts[0],
+            _vector(in_scale, x, acc), _vector(in_shift, x, acc),
+            _vector(out_scale, x, acc), _vector(out_shift, x, acc), y, *parts,
+            n, c, h, w, o, p, q, *x.stride(), *weight.stride(), *y.stride(),
+            *_geometry_args(stride, padding, dilation), R=r, S=s, HAS_BIAS=bias is not None,
+            NORM_INPUT=in_scale is not None, APPLY_OUT=out_scale is not None, RELU_OUT=relu,
+            STATS=stats_mode, **_dot_flags(x), BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=_block(c, 32, 128))
+    return y, (tuple(parts) if stats_mode else None)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward. `prologue` says how the kernels form the gradient ĝ on load:
+#   0: ĝ = grad
+#   1: ĝ = backward_apply(grad, y, mean, scale, shift, k1, k2, k3, relu_mode)  (y given)
+#   2: ĝ = grad·[a > 0]                                                         (a given)
+# ---------------------------------------------------------------------------------------
+
+def _prologue_args(grad: Tensor, saved: Optional[Tensor], vectors: Optional[Sequence[Tensor]],
+                   acc: torch.dtype):
+    if saved is not None and saved.stride() != grad.stride():
+        grad = grad.contiguous(memory_format=_common.memory_format(saved))
+        saved = saved.contiguous(memory_format=_common.memory_format(saved))
+    vec = (torch.stack([v.to(acc) for v in vectors]).contiguous() if vectors is not None
+           else grad.new_empty(1, dtype=acc))
+    return grad, saved if saved is not None else grad, vec
+
+
+def conv_input_grad(grad: Tensor, weight: Tensor, x: Tensor, stride, padding, dilation, *,
+                    prologue: int = 0, saved: Optional[Tensor] = None,
+                    vectors: Optional[Sequence[Tensor]] = None, relu_mode: int = 0,
+                    reduce_mean: Optional[Tensor] = None):
+    """dx of conv(x, W) for gradient ĝ (see above), in x's memory format; with reduce_mean
+    also (Σdx, Σdx·(x − reduce_mean)) per input channel, reduced in the epilogue."""
+    acc = _common.acc_dtype(x)
+    grad, saved, vec = _prologue_args(grad, saved, vectors, acc)
+    n, c, h, w = x.shape
+    o, _, r, s = weight.shape
+    p, q = grad.shape[2:]
+    dx = torch.empty_like(x, memory_format=_common.memory_format(x))
+    block_m = _rows_block(n * h * w)
+    block_n = _block(c, 64, 128)
+    grid = (triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_n))
+    reduce = reduce_mean is not None
+    if reduce and x.stride() != dx.stride():
+        x = x.contiguous(memory_format=_common.memory_format(x))
+    sums = [torch.zeros((grid[0], c) if reduce else (1,), dtype=acc, device=x.device)
+            for _ in range(2)]
+    if dx.numel():
+        K.conv_dgrad_kernel[grid](
+            grad, saved, vec, weight, dx, x, _vector(reduce_mean, x, acc), *sums,
+            n, c, h, w, o, p, q, *grad.stride(), *weight.stride(), *dx.stride(),
+            *_geometry_args(stride, padding, dilation), R=r, S=s, PROLOGUE=prologue,
+            RELU_MODE=relu_mode, REDUCE=reduce, **_dot_flags(x), BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=_block(o, 32, 128))
+    if not reduce:
+        return dx, None
+    from .primitives import sum_partials
+    return dx, sum_partials(*sums)
+
+
+def conv_weight_grad(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, *,
+                     prologue: int = 0, saved: Optional[Tensor] = None,
+                     vectors: Optional[Sequence[Tensor]] = None, relu_mode: int = 0,
+                     in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None
+                     ) -> Tuple[Tensor, Tensor]:
+    """(dW in weight's dtype, dbias in the accumulation dtype) of conv(x̃, W) for ĝ."""
+    acc = _common.acc_dtype(x)
+    grad, saved, vec = _prologue_args(grad, saved, vectors, acc)
+    n, c, h, w = x.shape
+    o, _, r, s = weight.shape
+    p, q = grad.shape[2:]
+    rows = n * p * q
+    block_m = _block(o, 64, 128)
+    block_n = _block(c, 64, 128)
+    block_k = _rows_block(rows)
+    tiles = triton.cdiv(o, block_m) * triton.cdiv(c, block_n) * r * s
+    # Split the long reduction over (n, p, q) until the GPU has enough programs; slices are
+    # summed in a fixed order below, so the result stays deterministic.
+    split = 1 if _common.interpreting() else max(1, min(
+        triton.cdiv(_common.GPU_PROGRAMS // 2, tiles), triton.cdiv(rows, 8 * block_k)))
+    per_split = triton.cdiv(triton.cdiv(max(rows, 1), split), block_k) * block_k
+    split = triton.cdiv(max(rows, 1), per_split)
+    dw = torch.zeros((split, o, c, r, s), dtype=acc, device=x.device)
+    db = torch.zeros((split, o), dtype=acc, device=x.device)
+    if rows:
+        K.conv_wgrad_kernel[(triton.cdiv(o, block_m), triton.cdiv(c, block_n), r * s * split)](
+            grad, saved, vec, x, _vector(in_scale, x, acc), _vector(in_shift, x, acc), dw, db,
+            n, c, h, w, o, p, q, per_split, *grad.stride(), *x.stride(),
+            *_geometry_args(stride, padding, dilation), R=r, S=s, PROLOGUE=prologue,
+            RELU_MODE=relu_mode, NORM_INPUT=in_scale is not None, **_dot_flags(x),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    dw = dw.sum(0) if split > 1 else dw[0]
+    db = db.sum(0) if split > 1 else db[0]
+    return dw.to(weight.dtype).contiguous(memory_format=_common.memory_format(weight)), db

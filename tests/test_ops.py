@@ -1,0 +1,428 @@
+"""The fused ops against the float64 eager reference (DESIGN §6).
+
+Runs on whatever backend `fused.backend()` picks for CPU tensors (the C++ extension after
+`make setup`); tests/triton/ repeats the checks for the Triton kernels."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fused
+from fused import reference
+from tests.helpers import FUNCTIONALS, Case, assert_matches, make_tensors, reference_fn, run_unit
+
+ORDERS = fused.ORDERS
+NORMS = fused.NORMS
+
+
+def compare(case: Case, steps: int = 1, rtol: float = 1e-5, grad_rtol: float = 1e-4):
+    tensors = make_tensors(case)
+    out_shape = run_unit(reference_fn(case.order), case, tensors, torch.float64, None)["out"].shape
+    grad_out = torch.randn(out_shape, dtype=torch.float64)
+    expected = run_unit(reference_fn(case.order), case, tensors, torch.float64, grad_out, steps)
+    actual = run_unit(FUNCTIONALS[case.order], case, tensors, case.dtype, grad_out, steps)
+    eager = (run_unit(reference_fn(case.order), case, tensors, case.dtype, grad_out, steps)
+             if case.dtype != torch.float64 else None)
+    assert_matches(actual, expected, rtol, rtol, repr(case), grad_rtol, eager)
+    if case.channels_last and actual["out"].dim() == 4:
+        assert actual["out"].is_contiguous(memory_format=torch.channels_last), \
+            "channels_last input must give channels_last output, as eager conv does"
+    return actual, expected
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("order", ORDERS)
+def test_matrix_float32(order, norm, training, channels_last):
+    compare(Case(order, norm, training, channels_last))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_float64_exact(order):
+    # No conv bias: in front of a batch norm its gradient is exactly 0, and a relative
+    # tolerance of 1e-10 cannot hold for a value that is rounding noise.
+    compare(Case(order, "bn", True, dtype=torch.float64, bias=False), rtol=1e-10,
+            grad_rtol=1e-10)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_running_stats_over_steps(order):
+    actual, expected = compare(Case(order, "bn", True), steps=4)
+    assert not torch.equal(actual["running_mean"], make_tensors(Case(order))["running_mean"].float())
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
+@pytest.mark.parametrize("order", ORDERS)
+def test_without_relu(order, relu):
+    compare(Case(order, "bn", True, relu=relu))
+    compare(Case(order, "bn", False, relu=relu))
+
+
+SHAPES = {
+    "one-channel": dict(c_in=1, c_out=1),
+    "1x1-map": dict(n=2, hw=(1, 1), kernel=1, padding=0),
+    "odd-hw": dict(hw=(5, 9)),
+    "stride2": dict(hw=(8, 8), stride=2),
+    "pointwise": dict(kernel=1, padding=0),
+    "groups": dict(c_in=4, c_out=6, groups=2),
+    "dilation": dict(hw=(9, 9), dilation=2, padding=2),
+    "pad0": dict(padding=0),
+    "pad2": dict(padding=2),
+    "no-bias": dict(bias=False),
+    "wide": dict(c_in=8, c_out=33, hw=(3, 3)),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("order", ORDERS)
+def test_odd_shapes(order, shape, channels_last):
+    for training in (True, False):
+        compare(Case(order, "bn", training, channels_last, **SHAPES[shape]))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_non_contiguous_input(order):
+    case = Case(order, "bn", True)
+    t = make_tensors(case)
+    x = t["x"].float()
+    wide = torch.zeros(x.shape[0], x.shape[1], x.shape[2], 2 * x.shape[3])
+    wide[..., ::2] = x
+    strided = wide[..., ::2]
+    assert not strided.is_contiguous()
+    args = (t["weight"].float(), t["bias"].float(), 1, 1, 1, 1, None, None,
+            t["norm_weight"].float(), t["norm_bias"].float(), True)
+    torch.testing.assert_close(FUNCTIONALS[order](strided, *args), FUNCTIONALS[order](x, *args))
+    transposed = x.transpose(2, 3).contiguous().transpose(2, 3)
+    torch.testing.assert_close(FUNCTIONALS[order](transposed, *args), FUNCTIONALS[order](x, *args))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_mean_1e4_data_is_as_exact_as_eager(order):
+    """Variance must be stable: a naive E[t²] − E[t]² in float32 loses every digit here."""
+    case = Case(order, "bn", True, input_mean=1e4, bias=True, hw=(8, 8))
+    tensors = make_tensors(case)
+    if order != "bn-conv-relu":
+        tensors["bias"] += 1e4  # push the conv output, which the norm sees, to mean 1e4
+    grad_out = torch.randn_like(run_unit(reference_fn(order), case, tensors, torch.float64,
+                                         None)["out"])
+    exp = run_unit(reference_fn(order), case, tensors, torch.float64, grad_out)
+    eager = run_unit(reference_fn(order), case, tensors, torch.float32, grad_out)
+    got = run_unit(FUNCTIONALS[order], case, tensors, torch.float32, grad_out)
+    for key in ("out", "running_var", "dnorm_weight", "dnorm_bias", "dx"):
+        eager_err = (eager[key].double() - exp[key]).abs().max().item()
+        err = (got[key].double() - exp[key]).abs().max().item()
+        scale = exp[key].abs().max().item()
+        assert err <= 2 * eager_err + 1e-5 * scale, (key, err, eager_err, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("order", ORDERS)
+def test_low_precision_error_within_twice_eager(order, dtype):
+    """flash-attention's rule: fused error vs float64 ≤ 2 × eager's own error + atol."""
+    case = Case(order, "bn", True, dtype=dtype, c_in=4, c_out=8, hw=(8, 8))
+    tensors = make_tensors(case)
+    grad_out = torch.randn_like(run_unit(reference_fn(order), case, tensors, torch.float64,
+                                         None)["out"])
+    exp = run_unit(reference_fn(order), case, tensors, torch.float64, grad_out)
+    eager = run_unit(reference_fn(order), case, tensors, dtype, grad_out)
+    got = run_unit(FUNCTIONALS[order], case, tensors, dtype, grad_out)
+    assert got["out"].dtype == dtype
+    for key, value in exp.items():
+        if value is None:
+            continue
+        eager_err = (eager[key].double() - value).abs().max().item()
+        err = (got[key].double() - value).abs().max().item()
+        atol = 1e-3 * value.abs().max().item()
+        assert err <= 2 * eager_err + atol, (key, err, eager_err)
+    assert got["running_mean"].dtype == torch.float32
+    assert got["dnorm_weight"].dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# Modules: state_dict interchange, momentum=None, track_running_stats=False
+# --------------------------------------------------------------------------------------
+
+MODULES = {"conv-bn-relu": fused.ConvBNReLU2d, "conv-relu-bn": fused.ConvReLUBN2d,
+           "bn-conv-relu": fused.BNConvReLU2d}
+
+
+def assert_grads_close(actual, expected, rtol=1e-4):
+    """Parameter gradients, atol relative to the largest gradient of the model: some are
+    exactly 0 in real arithmetic (a shift that a later batch norm removes, a conv bias in
+    front of a batch norm) and float32 leaves only rounding noise there."""
+    scale = max(g.abs().max().item() for g in expected)
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale)
+
+
+def _module_pair(order, **kwargs):
+    eager = fused.Unit(order, 3, 6, 3, padding=1, **kwargs)
+    fast = MODULES[order](3, 6, 3, padding=1, **kwargs)
+    fast.load_state_dict(eager.state_dict(), strict=True)
+    return eager, fast
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "cumulative"])
+@pytest.mark.parametrize("order", ORDERS)
+def test_module_training_steps_match_eager(order, momentum):
+    eager, fast = _module_pair(order, bias=True, momentum=momentum)
+    assert list(eager.state_dict()) == list(fast.state_dict())
+    for step in range(3):
+        x = torch.randn(4, 3, 6, 6)
+        ye, yf = eager(x), fast(x)
+        torch.testing.assert_close(yf, ye, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(ye)
+        ge = torch.autograd.grad(ye, list(eager.parameters()), g)
+        gf = torch.autograd.grad(yf, list(fast.parameters()), g)
+        assert_grads_close(gf, ge)
+    for (name, a), b in zip(fast.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert int(fast.norm.num_batches_tracked) == 3
+    eager.eval(), fast.eval()
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fast(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("order", ORDERS)
+def test_module_without_running_stats(order, training):
+    eager, fast = _module_pair(order, track_running_stats=False)
+    assert fast.norm.running_mean is None
+    eager.train(training), fast.train(training)
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(fast(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def test_module_state_dict_names_are_plain_pytorch():
+    unit = fused.ConvBNReLU2d(3, 8, 3, norm="bn")
+    assert set(unit.state_dict()) == {"conv.weight", "norm.weight", "norm.bias",
+                                      "norm.running_mean", "norm.running_var",
+                                      "norm.num_batches_tracked"}
+    assert set(fused.ConvReLUBN2d(3, 8, 3, norm="affine").state_dict()) == {
+        "conv.weight", "norm.weight", "norm.bias"}
+    assert set(fused.BNConvReLU2d(3, 8, 3, norm="bn").state_dict())
+    assert fused.BNConvReLU2d(3, 8, 3).norm.num_features == 3
+    assert fused.ConvBNReLU2d(3, 8, 3, norm="none").norm is None
+    plain = torch.nn.Sequential()
+    plain.add_module("conv", torch.nn.Conv2d(3, 8, 3, bias=False))
+    plain.add_module("norm", torch.nn.BatchNorm2d(8))
+    unit.load_state_dict(plain.state_dict(), strict=True)
+
+
+# --------------------------------------------------------------------------------------
+# gradcheck, opcheck, torch.compile, hypothesis
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("order", ORDERS)
+def test_gradcheck_float64(order, training):
+    case = Case(order, "bn", training, n=2, c_in=2, c_out=3, hw=(4, 4))
+    t = make_tensors(case)
+    inputs = [t[k].clone().requires_grad_() for k in ("x", "weight", "bias", "norm_weight",
+                                                      "norm_bias")]
+
+    def fn(x, w, b, gamma, beta):
+        return FUNCTIONALS[order](x, w, b, 1, 1, 1, 1, t["running_mean"].clone(),
+                                  t["running_var"].clone(), gamma, beta, training)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def _op_samples():
+    case = Case("conv-bn-relu", "bn", True, n=2, c_in=3, c_out=4, hw=(5, 5))
+    t = make_tensors(case)
+    f = {k: (v.float() if v is not None else None) for k, v in t.items()}
+    geo = ([1, 1], [1, 1], [1, 1], 1)
+    for relu_mode in (1, 2):
+        for stats in ((None, None), (f["running_mean"][:4], f["running_var"][:4])):
+            yield (torch.ops.bnorder.conv_norm_forward,
+                   (f["x"].requires_grad_(), f["weight"].requires_grad_(), f["bias"], *geo,
+                    f["norm_weight"][:4].clone().requires_grad_(),
+                    f["norm_bias"][:4].clone().requires_grad_(), *stats, 1e-5, "bn",
+                    relu_mode))
+    for stats in ((None, None), (f["running_mean"][:3], f["running_var"][:3])):
+        yield (torch.ops.bnorder.norm_conv_forward,
+               (f["x"].requires_grad_(), f["weight"].requires_grad_(), None, *geo,
+                f["norm_weight"][:3].clone().requires_grad_(),
+                f["norm_bias"][:3].clone().requires_grad_(), *stats, 1e-5, "bn", True))
+
+
+@pytest.mark.parametrize("sample", range(6))
+def test_opcheck_unit_ops(sample):
+    op, args = list(_op_samples())[sample]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
+def test_opcheck_cpp_primitives():
+    t = torch.randn(3, 4, 5, 5)
+    g = torch.randn_like(t)
+    v = [torch.rand(4) + 0.5 for _ in range(6)]
+    ops = torch.ops.bnorder_cpu
+    for mode in (0, 1, 2):
+        torch.library.opcheck(ops.stats, (t, mode))
+        torch.library.opcheck(ops.apply, (t, v[0], v[1], mode))
+        torch.library.opcheck(ops.backward_reduce, (g, t, v[0], v[1], v[2], mode))
+        torch.library.opcheck(ops.backward_apply, (g, t, *v, mode))
+
+
+def test_compile_fullgraph_stack_matches_eager():
+    torch.manual_seed(0)
+    units = [("conv-bn-relu", 3, 8), ("conv-relu-bn", 8, 8), ("bn-conv-relu", 8, 4)]
+    eager = torch.nn.Sequential(*[fused.Unit(o, i, c, 3, padding=1) for o, i, c in units])
+    fast = torch.nn.Sequential(*[MODULES[o](i, c, 3, padding=1) for o, i, c in units])
+    fast.load_state_dict(eager.state_dict())
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 8, 8)
+    ye, yc = eager(x), compiled(x)
+    torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ye)
+    assert_grads_close(torch.autograd.grad(yc, list(fast.parameters()), g),
+                       torch.autograd.grad(ye, list(eager.parameters()), g))
+    for a, b in zip(fast.state_dict().values(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+@settings(max_examples=25, deadline=None)
+@given(order=st.sampled_from(ORDERS), norm=st.sampled_from(NORMS), training=st.booleans(),
+       channels_last=st.booleans(), n=st.integers(1, 3), c_in=st.integers(1, 5),
+       c_out=st.integers(1, 6), h=st.integers(1, 7), w=st.integers(1, 7),
+       kernel=st.sampled_from([1, 3]), stride=st.integers(1, 2), bias=st.booleans(),
+       relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_random_shapes(order, norm, training, channels_last, n, c_in, c_out, h, w,
+                                kernel, stride, bias, relu, seed):
+    padding = kernel // 2
+    case = Case(order, norm, training, channels_last, n=n, c_in=c_in, c_out=c_out, hw=(h, w),
+                kernel=kernel, stride=stride, padding=padding, bias=bias, relu=relu)
+    ho = (h + 2 * padding - kernel) // stride + 1
+    wo = (w + 2 * padding - kernel) // stride + 1
+    per_channel = n * (h * w if order == "bn-conv-relu" else ho * wo)
+    if training and norm in ("bn", "bn-minus") and per_channel == 1:
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            compare(case)
+        return
+    tensors = make_tensors(case, seed)
+    grad_out = torch.randn(run_unit(reference_fn(order), case, tensors, torch.float64,
+                                    None)["out"].shape, dtype=torch.float64)
+    exp = run_unit(reference_fn(order), case, tensors, torch.float64, grad_out)
+    got = run_unit(FUNCTIONALS[order], case, tensors, torch.float32, grad_out)
+    # Tiny batches (M = 2) make the normalization ill-conditioned; the float32 error is
+    # then bounded by eager float32's own error, as for low precision.
+    eager = run_unit(reference_fn(order), case, tensors, torch.float32, grad_out)
+    for key, value in exp.items():
+        if value is None:
+            assert got[key] is None
+            continue
+        err = (got[key].double() - value).abs().max().item()
+        eager_err = (eager[key].double() - value).abs().max().item()
+        scale = max(value.abs().max().item(), 1e-30)
+        assert err <= 2 * eager_err + 1e-4 * scale, (key, err, eager_err, scale)
+
+
+# --------------------------------------------------------------------------------------
+# Bad input and NaN
+# --------------------------------------------------------------------------------------
+
+def _args(**over):
+    base = dict(input=torch.randn(2, 3, 5, 5), weight=torch.randn(4, 3, 3, 3),
+                running_mean=torch.zeros(4), running_var=torch.ones(4),
+                norm_weight=torch.ones(4), norm_bias=torch.zeros(4), training=True)
+    base.update(over)
+    return base
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(input=torch.randn(3, 5, 5)), "4-D input"),
+    (dict(input=torch.randn(2, 2, 5, 5)), "channels"),
+    (dict(input=torch.randint(0, 5, (2, 3, 5, 5))), "floating-point"),
+    (dict(input=torch.randn(1, 3, 3, 3)), "more than 1 value per channel"),
+    (dict(running_mean=torch.zeros(5)), "running_mean must have shape"),
+    (dict(norm_weight=None), "needs norm_weight"),
+    (dict(weight=torch.randn(4, 3, 3, 3, dtype=torch.float64)), "dtype"),
+    (dict(running_var=None), "both running_mean and running_var"),
+])
+@pytest.mark.parametrize("order", ["conv-bn-relu", "conv-relu-bn"])
+def test_bad_input_raises_clear_error(order, bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        FUNCTIONALS[order](**_args(**bad))
+
+
+def test_bad_input_bn_conv_relu():
+    with pytest.raises(ValueError, match="running_mean must have shape"):
+        fused.bn_conv_relu(**_args())  # the norm of bn-conv-relu sees the 3 input channels
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused.bn_conv_relu(torch.randn(1, 3, 1, 1), torch.randn(4, 3, 1, 1), training=True,
+                           norm="bn-minus")
+    with pytest.raises(ValueError, match="unknown norm"):
+        fused.bn_conv_relu(torch.randn(2, 3, 4, 4), torch.randn(4, 3, 1, 1), norm="layer")
+
+
+def test_device_mix_raises():
+    meta = torch.zeros(4, device="meta")
+    with pytest.raises(RuntimeError, match="one device"):
+        fused.conv_bn_relu(**_args(running_mean=meta))
+
+
+@pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
+def test_cpp_primitives_reject_bad_input():
+    ops = torch.ops.bnorder_cpu
+    t = torch.randn(2, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="scale must have shape"):
+        ops.apply(t, torch.ones(3), torch.zeros(4), 0)
+    with pytest.raises(RuntimeError, match="relu_mode"):
+        ops.apply(t, torch.ones(4), torch.zeros(4), 7)
+    with pytest.raises(RuntimeError, match="must be Float"):
+        ops.apply(t, torch.ones(4, dtype=torch.float64), torch.zeros(4), 0)
+    with pytest.raises(RuntimeError, match="contiguous or channels_last"):
+        ops.stats(t.transpose(0, 2), 0)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        ops.stats(torch.ones(2, 4, dtype=torch.int32), 0)
+    with pytest.raises(RuntimeError, match="memory format"):
+        ops.backward_reduce(torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last),
+                            t, torch.zeros(4), torch.ones(4), torch.zeros(4), 0)
+    with pytest.raises(RuntimeError, match="does not match input size"):
+        ops.backward_apply(torch.randn(2, 4, 3, 2), t, *[torch.ones(4)] * 6, 0)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_nan_propagates_like_eager(order):
+    case = Case(order, "bn", False)
+    tensors = make_tensors(case)
+    tensors["x"][0, 0, 2, 2] = math.nan
+    expected = run_unit(reference_fn(order), case, tensors, torch.float32, None)["out"]
+    got = run_unit(FUNCTIONALS[order], case, tensors, torch.float32, None)["out"]
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    assert torch.isnan(got).any()
+    training = dataclasses.replace(case, training=True)
+    expected = run_unit(reference_fn(order), training, tensors, torch.float32, None)
+    got = run_unit(FUNCTIONALS[order], training, tensors, torch.float32, None)
+    assert torch.equal(torch.isnan(got["out"]), torch.isnan(expected["out"]))
+    assert torch.equal(torch.isnan(got["running_mean"]), torch.isnan(expected["running_mean"]))
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.setenv("FUSED_BACKEND", "reference")
+    assert fused.backend() == "reference"
+    case = Case("conv-bn-relu")
+    compare(case)
+    monkeypatch.setenv("FUSED_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FUSED_BACKEND"):
+        fused.backend()
+    monkeypatch.setenv("FUSED_BACKEND", "auto")
+    assert fused.backend() in ("cpp", "reference")
+    assert fused.backend() == ("cpp" if fused.extension_error() is None else "reference")
+
+
+def test_reference_primitives_agree_with_unit_reference():
+    """The reference primitives implement the same norm as F.batch_norm."""
+    t = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    mean, var = reference.stats(t, reference.RELU_NONE)
+    torch.testing.assert_close(mean, t.mean((0, 2, 3)))
+    torch.testing.assert_close(var, t.var((0, 2, 3), unbiased=False))
