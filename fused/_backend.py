@@ -45,6 +45,17 @@ def name_for(device: torch.device | str = "cpu") -> str:
     return choice
 
 
+def conv_impl(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
+    """"triton" when the Triton backend runs for x and picks its fused implicit-GEMM
+    convolution (BNORDER_CONV_IMPL, rule in fused/triton/conv.py), else "aten"."""
+    if x.device.type == "cpu" and requested() != "triton":
+        return "aten"  # the C++/reference path: one environment lookup, nothing else
+    if name_for(x.device) != "triton":
+        return "aten"
+    from .triton import conv as triton_conv
+    return triton_conv.select(x, weight, groups)
+
+
 def primitives(t: torch.Tensor):
     """The four primitives for tensor t: an object with stats, apply, backward_reduce,
     backward_apply."""

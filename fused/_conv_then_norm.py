@@ -53,6 +53,11 @@ def conv_norm_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride:
     """Returns (out, y, batch mean, batch var); y, mean, var are empty where not used."""
     channels = weight.shape[0]
     batch_stats = norm != "affine" and mean_in is None
+    if _backend.conv_impl(x, weight, groups) == "triton":
+        from .triton import ops as triton_ops
+        return triton_ops.conv_norm_forward(x, weight, bias, stride, padding, dilation, gamma,
+                                            beta, mean_in, var_in, eps, norm, relu_mode,
+                                            _folds(batch_stats, relu_mode))
     empty = x.new_empty(0, dtype=_acc(x))
     if _folds(batch_stats, relu_mode):
         scale, shift, _, _ = _norm.coefficients(norm, mean_in, var_in, gamma, beta, eps,
@@ -95,6 +100,12 @@ def conv_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
                        norm: str, relu_mode: int, batch_stats: bool, grad_mask: List[bool]
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dgamma, dbeta); empty tensors for gradients not asked for."""
+    if _backend.conv_impl(x, weight, groups) == "triton":
+        from .triton import ops as triton_ops
+        return triton_ops.conv_norm_backward(grad, x, weight, bias, y, out, mean, var, gamma,
+                                             beta, stride, padding, dilation, eps, norm,
+                                             relu_mode, batch_stats, grad_mask,
+                                             _folds(batch_stats, relu_mode))
     channels = weight.shape[0]
     scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
                                                     channels, x)

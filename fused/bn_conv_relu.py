@@ -71,6 +71,10 @@ def norm_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride:
                       mean_in: Optional[Tensor], var_in: Optional[Tensor], eps: float,
                       norm: str, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (out, batch mean, batch var); mean and var are empty where not computed."""
+    if _backend.conv_impl(x, weight, groups) == "triton":
+        from .triton import ops as triton_ops
+        return triton_ops.norm_conv_forward(x, weight, bias, stride, padding, dilation, gamma,
+                                            beta, mean_in, var_in, eps, norm, relu)
     channels = x.shape[1]
     batch_stats = norm != "affine" and mean_in is None
     prims = _backend.primitives(x)
@@ -112,6 +116,11 @@ def norm_conv_backward(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor,
                        batch_stats: bool, grad_mask: List[bool]
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dgamma, dbeta); empty tensors for gradients not asked for."""
+    if _backend.conv_impl(x, weight, groups) == "triton":
+        from .triton import ops as triton_ops
+        return triton_ops.norm_conv_backward(grad, x, out, weight, mean, var, gamma, beta,
+                                             stride, padding, dilation, eps, norm, relu,
+                                             batch_stats, grad_mask)
     channels = x.shape[1]
     scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
                                                     channels, x)
