@@ -68,6 +68,12 @@ def _dot_flags(t: Tensor) -> dict:
                 PRECISION="tf32" if tf32 else "ieee")
 
 
+# Interpreter block caps: big, because each program instance costs milliseconds there
+# (tests lower them to force many programs, K-loop iterations and split-K slices).
+INTERPRETER_MAX_ROWS = 1024
+INTERPRETER_MAX_CHANNELS = 128
+
+
 def _block(n: int, gpu_cap: int, interp_cap: int) -> int:
     """Power-of-two block ≥ 16 (tl.dot's minimum) covering n up to the cap."""
     cap = interp_cap if _common.interpreting() else gpu_cap
@@ -75,7 +81,20 @@ def _block(n: int, gpu_cap: int, interp_cap: int) -> int:
 
 
 def _rows_block(rows: int) -> int:
-    return _block(rows, 64, 1024)
+    return _block(rows, 64, INTERPRETER_MAX_ROWS)
+
+
+def _channels_block(channels: int, gpu_cap: int) -> int:
+    return _block(channels, gpu_cap, INTERPRETER_MAX_CHANNELS)
+
+
+def wgrad_splits(rows: int, tiles: int, block_k: int) -> int:
+    """Slices of the weight gradient's reduction over (n, p, q): enough programs to fill a
+    GPU, each slice still ≥ 8 K-blocks long; one slice in the interpreter."""
+    if _common.interpreting():
+        return 1
+    return max(1, min(triton.cdiv(_common.GPU_PROGRAMS // 2, tiles),
+                      triton.cdiv(rows, 8 * block_k)))
 
 
 def output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, int]:
@@ -112,7 +131,7 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequ
     y = torch.empty((n, o, p, q), dtype=x.dtype, device=x.device,
                     memory_format=_common.memory_format(x))
     block_m = _rows_block(n * p * q)
-    block_n = _block(o, 64, 128)
+    block_n = _channels_block(o, 64)
     grid = (triton.cdiv(n * p * q, block_m), triton.cdiv(o, block_n))
     parts = [torch.empty((grid[0], o) if stats_mode else (1,), dtype=acc, device=x.device)
              for _ in range(3)]
@@ -125,7 +144,7 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequ
             *_geometry_args(stride, padding, dilation), R=r, S=s, HAS_BIAS=bias is not None,
             NORM_INPUT=in_scale is not None, APPLY_OUT=out_scale is not None, RELU_OUT=relu,
             STATS=stats_mode, **_dot_flags(x), BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=_block(c, 32, 128))
+            BLOCK_K=_channels_block(c, 32))
     return y, (tuple(parts) if stats_mode else None)
 
 
@@ -159,7 +178,7 @@ def conv_input_grad(grad: Tensor, weight: Tensor, x: Tensor, stride, padding, di
     p, q = grad.shape[2:]
     dx = torch.empty_like(x, memory_format=_common.memory_format(x))
     block_m = _rows_block(n * h * w)
-    block_n = _block(c, 64, 128)
+    block_n = _channels_block(c, 64)
     grid = (triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_n))
     reduce = reduce_mean is not None
     if reduce and x.stride() != dx.stride():
@@ -172,7 +191,7 @@ def conv_input_grad(grad: Tensor, weight: Tensor, x: Tensor, stride, padding, di
             n, c, h, w, o, p, q, *grad.stride(), *weight.stride(), *dx.stride(),
             *_geometry_args(stride, padding, dilation), R=r, S=s, PROLOGUE=prologue,
             RELU_MODE=relu_mode, REDUCE=reduce, **_dot_flags(x), BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_K=_block(o, 32, 128))
+            BLOCK_N=block_n, BLOCK_K=_channels_block(o, 32))
     if not reduce:
         return dx, None
     from .primitives import sum_partials
@@ -191,14 +210,12 @@ def conv_weight_grad(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, d
     o, _, r, s = weight.shape
     p, q = grad.shape[2:]
     rows = n * p * q
-    block_m = _block(o, 64, 128)
-    block_n = _block(c, 64, 128)
+    block_m = _channels_block(o, 64)
+    block_n = _channels_block(c, 64)
     block_k = _rows_block(rows)
     tiles = triton.cdiv(o, block_m) * triton.cdiv(c, block_n) * r * s
-    # Split the long reduction over (n, p, q) until the GPU has enough programs; slices are
-    # summed in a fixed order below, so the result stays deterministic.
-    split = 1 if _common.interpreting() else max(1, min(
-        triton.cdiv(_common.GPU_PROGRAMS // 2, tiles), triton.cdiv(rows, 8 * block_k)))
+    # Slices of the long reduction are summed in a fixed order below: deterministic.
+    split = wgrad_splits(rows, tiles, block_k)
     per_split = triton.cdiv(triton.cdiv(max(rows, 1), split), block_k) * block_k
     split = triton.cdiv(max(rows, 1), per_split)
     dw = torch.zeros((split, o, c, r, s), dtype=acc, device=x.device)
