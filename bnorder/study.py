@@ -1,0 +1,184 @@
+"""`bnorder study`: the grid models × (orders × norms) × seeds × backends, each cell one
+`bnorder train` run in its own folder, then the report (bnorder.report).
+
+    OUT/study.json                               the resolved grid and hyper-parameters
+    OUT/runs/<model>/<label>/<backend>/seed<k>/  one run folder each (see bnorder.train)
+    OUT/report.md, OUT/report.html, OUT/figures/*.png
+
+Finished runs (done.json with the same configuration) are skipped and unfinished ones
+resume from their last checkpoint, so an interrupted study is continued by running the same
+command again. Norm `none` empties the slot, after which the three orders of a plain network
+are the same network, so `none` is trained once per network, in the conv-bn-relu topology
+(for a ResNet: ReLU after the addition, He et al. 2015); it is the denominator of the BN tax.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+import fused
+
+from . import data as data_mod
+from .train import TrainConfig, atomic_write_json, is_done, train
+
+
+class StudyError(RuntimeError):
+    pass
+
+
+ORDERS = list(fused.ORDERS)
+
+PRESETS: Dict[str, Dict] = {
+    # Sized for `make run`: the whole grid (3 networks × 4 configurations × 2 backends × 2
+    # seeds = 48 runs) trains in about 10 minutes on the 2-core CPU machine, so each run sees
+    # only a small slice of Fashion-MNIST. It answers "does each placement train, how fast,
+    # at what cost" — not which placement wins after full training.
+    "quick": dict(
+        models=["alexnet", "vgg16", "resnet20"], orders=ORDERS, norms=["bn", "none"],
+        seeds=[0, 1], backends=["eager", "fused"], data="fashion-mnist",
+        epochs=3, subset=256, test_subset=500, batch_size=32, lr=0.02, momentum=0.9,
+        weight_decay=5e-4, schedule="cosine",
+        description=(
+            "A time-boxed smoke study for `make run` (≤ 15 minutes on 2 CPU cores): each run "
+            "trains 3 epochs on the first 256 Fashion-MNIST training images (24 SGD steps of "
+            "32 images, cosine learning rate from 0.02, momentum 0.9, weight decay 5e-4) and "
+            "is evaluated on the first 500 test images. Expect accuracies far below "
+            "converged values; differences between orders at this budget say how fast each "
+            "placement starts to learn, not where it ends.")),
+    # He et al. 2015 ("Deep Residual Learning for Image Recognition", §4.2, CIFAR-10):
+    # SGD, batch 128, momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 32k and 48k
+    # iterations, stopped at 64k; augmentation 4-pixel zero padding + random 32×32 crop +
+    # horizontal flip. 64k iterations of 128 images on the 50k training images ≈ 164
+    # epochs; the step schedule divides at 50 % and 75 % of training (= 32k and 48k).
+    "paper": dict(
+        models=["resnet20", "vgg16", "alexnet"], orders=ORDERS, norms=["bn", "none"],
+        seeds=[0, 1, 2, 3, 4], backends=["fused", "eager"], data="cifar10",
+        epochs=164, subset=None, test_subset=None, batch_size=128, lr=0.1, momentum=0.9,
+        weight_decay=1e-4, schedule="step",
+        description=(
+            "The CIFAR-10 training recipe of He et al. 2015 (Deep Residual Learning for Image "
+            "Recognition, §4.2): SGD with batch 128, momentum 0.9, weight decay 1e-4, "
+            "learning rate 0.1 divided by 10 at 50 % and 75 % of training (their 32k and 48k "
+            "of 64k iterations), 164 epochs (≈ 64k iterations of 128 on 50k images), 4-pixel "
+            "padding + random crop + horizontal flip. Differences from the paper: we train on "
+            "all 50k training images (they held out 5k for validation in some experiments), "
+            "report the 10k test set every epoch, apply the ResNet recipe unchanged to "
+            "AlexNet and VGG-16 (whose original papers trained on ImageNet with other "
+            "schedules), and use it unchanged for norm `none`, where lr 0.1 may diverge (He "
+            "et al. warmed ResNet-110 up at 0.01); pass --lr to change it. Five seeds per "
+            "configuration. Needs --data-dir with the python version of CIFAR-10.")),
+}
+
+
+def label(order: str, norm: str) -> str:
+    """The name a configuration has in the report: the order for bn, `none`, else both."""
+    if norm == "none":
+        return "none"
+    return order if norm == "bn" else f"{order} ({norm})"
+
+
+def slug(text: str) -> str:
+    return text.replace(" ", "_").replace("(", "").replace(")", "")
+
+
+def grid(spec: Dict) -> List[Dict]:
+    """Every run of the study: dicts with model, order, norm, label, backend, seed, config."""
+    runs = []
+    for model in spec["models"]:
+        for seed in spec["seeds"]:
+            configs = []
+            for norm in spec["norms"]:
+                for order in (spec["orders"] if norm != "none" else ["conv-bn-relu"]):
+                    configs.append((order, norm))
+            for order, norm in configs:
+                for backend in spec["backends"]:
+                    config = TrainConfig(
+                        model=model, order=order, norm=norm, fused=backend == "fused",
+                        epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
+                        momentum=spec["momentum"], weight_decay=spec["weight_decay"],
+                        schedule=spec["schedule"], seed=seed, data=spec["data"],
+                        data_dir=spec.get("data_dir"), subset=spec["subset"],
+                        test_subset=spec["test_subset"])
+                    runs.append(dict(model=model, order=order, norm=norm,
+                                     label=label(order, norm), backend=backend, seed=seed,
+                                     config=config))
+    return runs
+
+
+def run_dir(out: Path, run: Dict) -> Path:
+    return Path(out) / "runs" / run["model"] / slug(run["label"]) / run["backend"] / \
+        f"seed{run['seed']}"
+
+
+def resolve(args) -> Dict:
+    spec = dict(PRESETS[args.preset])
+    spec["preset"] = args.preset
+    for key in ("models", "orders", "norms", "seeds", "backends", "epochs", "subset",
+                "test_subset", "batch_size", "data", "data_dir", "lr"):
+        value = getattr(args, key, None)
+        if value is not None:
+            spec[key] = value
+    overridden = [k for k in ("epochs", "subset", "test_subset", "batch_size", "data", "lr",
+                              "models", "orders", "norms", "seeds", "backends")
+                  if getattr(args, k, None) is not None]
+    spec["overridden"] = overridden
+    if spec["data"] == "cifar10" and not spec.get("data_dir"):
+        raise StudyError("the study uses CIFAR-10: pass --data-dir DIR (the folder of "
+                         "data_batch_1..5 and test_batch); it is never downloaded")
+    # the norm slot of every order must have something to compare
+    if "none" not in spec["norms"]:
+        spec["norms"] = list(spec["norms"]) + ["none"]
+        spec.setdefault("notes", []).append("norm `none` added: it is the BN-tax baseline")
+    return spec
+
+
+def machine() -> Dict:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "fused_backend": fused.backend(), "extension_error": fused.extension_error()}
+
+
+def run_study(spec: Dict, out: Path, progress: bool = True) -> Dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = grid(spec)
+    todo = [r for r in runs if not is_done(run_dir(out, r), r["config"])]
+    print(f"study {spec['preset']}: {len(runs)} runs in {out} ({len(runs) - len(todo)} "
+          f"already finished)", flush=True)
+    dataset = data_mod.load(spec["data"], spec.get("data_dir")) if todo else None
+    t0 = time.perf_counter()
+    for i, r in enumerate(todo, 1):
+        t_run = time.perf_counter()
+        rows = train(r["config"], run_dir(out, r), resume=True, dataset=dataset,
+                     progress=progress)
+        acc = rows[-1]["test_acc"] if rows else float("nan")
+        print(f"[{i}/{len(todo)}] {r['model']:<9} {r['label']:<13} {r['backend']:<5} "
+              f"seed {r['seed']}: test_acc {acc:.4f}  {time.perf_counter() - t_run:5.1f} s  "
+              f"(study {time.perf_counter() - t0:6.1f} s)", flush=True)
+    spec_json = {k: v for k, v in spec.items()}
+    spec_json["machine"] = machine()
+    spec_json["train_wall_s_this_invocation"] = time.perf_counter() - t0
+    spec_json["runs"] = len(runs)
+    atomic_write_json(out / "study.json", spec_json)
+    return spec_json
+
+
+def main(args) -> int:
+    from . import report
+    spec = resolve(args)
+    out = Path(args.out or f"runs/study-{args.preset}")
+    if args.report_only:
+        if not (out / "study.json").exists():
+            raise StudyError(f"{out}/study.json not found: run the study first")
+        spec = json.loads((out / "study.json").read_text())
+    else:
+        spec = run_study(spec, out, progress=not args.no_progress)
+    summary = report.write_report(out, spec, grid(spec), run_dir)
+    report.print_table(summary)
+    print(f"report: {(out / 'report.md').resolve()}\n        {(out / 'report.html').resolve()}")
+    return 0
