@@ -121,8 +121,8 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequ
                  relu: bool = False, stats_mode: int = 0):
     """y = [relu]([·s_o + b_o](conv(x̃, W) + bias)), x̃ = x·in_scale + in_shift if given.
 
-    Returns (y, partial moments (cnt, mean, m2) of y or relu(y), or None); y has x's memory
-    format."""
+    Returns (y, partial moments (cnt, pivot, mean, m2) of y or relu(y) for
+    primitives.merge_moments, or None); y has x's memory format."""
     _common.check_runnable(x, "conv_forward")
     acc = _common.acc_dtype(x)
     n, c, h, w = x.shape
@@ -134,7 +134,7 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequ
     block_n = _channels_block(o, 64)
     grid = (triton.cdiv(n * p * q, block_m), triton.cdiv(o, block_n))
     parts = [torch.empty((grid[0], o) if stats_mode else (1,), dtype=acc, device=x.device)
-             for _ in range(3)]
+             for _ in range(4)]
     if y.numel():
         K.conv_fwd_kernel[grid](
             x, weight, bias if bias is not None else parts[0],

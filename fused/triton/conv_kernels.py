@@ -15,9 +15,10 @@ forward — GEMM rows m = (n, p, q) (M = N·P·Q), columns o, reduction k = (r, 
   Epilogue on the [BLOCK_M, BLOCK_N] accumulator:
     APPLY_OUT   y·s_o + b_o (eval conv-bn-relu: the norm folded into the epilogue)
     RELU_OUT    max(·, 0)
-    STATS 1/2   per-column (count, mean, M2) of the stored y / of relu(y), written as one row
-                of a (M/BLOCK_M, O) partial buffer that primitives.merge_moments merges
-                (Chan), so conv-bn-relu and conv-relu-bn need no separate stats pass.
+    STATS 1/2   per-column (count, pivot, mean, M2) of the stored y / of relu(y), shifted by
+                the tile's first row, written as one row of (M/BLOCK_M, O) partial buffers
+                that primitives.merge_moments merges (Chan), so conv-bn-relu and
+                conv-relu-bn need no separate stats pass.
 
 input gradient — rows m = (n, h, w), columns c, reduction k = (r, s, o):
 
@@ -106,7 +107,7 @@ def conv_fwd_kernel(
         in_scale_ptr, in_shift_ptr,   # (C,) float32/64: x̃ = x·s + b (NORM_INPUT)
         out_scale_ptr, out_shift_ptr,  # (O,) float32/64: y·s + b (APPLY_OUT)
         y_ptr,                        # (N, O, P, Q) output, any strides
-        cnt_ptr, mean_ptr, m2_ptr,    # (cdiv(M, BLOCK_M), O) float32/64 partial moments (STATS)
+        cnt_ptr, pivot_ptr, mean_ptr, m2_ptr,  # (cdiv(M, BLOCK_M), O) partial moments (STATS)
         N, C, H, W, O, P, Q,
         sxn, sxc, sxh, sxw, swo, swc, swr, sws, syn, syo, syp, syq,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -154,9 +155,12 @@ def conv_fwd_kernel(
         v = y.to(acc_ty)  # statistics of y as stored, as the unfused path sees it
         if STATS == 2:
             v = relu_keep_nan(v)
-        n_b, mean_b, m2_b = tile_moments(v, valid)
+        # shifted by the tile's first row (always valid), as in norm_kernels' stats
+        pivot = tl.sum(tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], v, 0.0), axis=0)
+        n_b, mean_b, m2_b = tile_moments(v - pivot[None, :], valid)
         part = pid_m * O + o
         tl.store(cnt_ptr + part, n_b, mask=o_mask)
+        tl.store(pivot_ptr + part, pivot, mask=o_mask)
         tl.store(mean_ptr + part, mean_b, mask=o_mask)
         tl.store(m2_ptr + part, m2_b, mask=o_mask)
 

@@ -5,19 +5,24 @@ _common.Geometry), M = outer·inner elements per channel, c a channel. relu_mode
 1 relu(norm(t)) (conv-bn-relu), 2 norm(relu(t)) (conv-relu-bn); t_in is what the norm
 normalizes: t, or relu(t) for mode 2.
 
-stats — numerically stable two-level moments, deterministic (no atomics):
+stats — numerically stable two-level moments of shifted data, deterministic (no atomics):
 
     level 1, one program per (outer, split, channel block), looping over its inner tiles:
-        per tile b:   n_b = #valid,  m_b = Σ t_in / n_b,  M2_b = Σ (t_in − m_b)²   (exact: the
+        pivot K_p = the program's first value of each channel; u = t_in − K_p
+        per tile b:   n_b = #valid,  m_b = Σ u / n_b,  M2_b = Σ (u − m_b)²   (exact: the
                       tile is in registers, so the centered pass costs no memory traffic)
         Chan merge into the running (n, m, M2):
                       δ = m_b − m,  n' = n + n_b,  m' = m + δ·n_b/n',
                       M2' = M2 + M2_b + δ²·n·n_b/n'
-        writes one row (n, m, M2) per program into a (P, C) partial buffer
-    level 2, one program per channel block, a fixed-order pass over the P rows:
-        mean = Σ n_p·m_p / Σ n_p,   var = (Σ M2_p + Σ n_p·(m_p − mean)²) / Σ n_p
+        writes one row (n, K, m, M2) per program into (P, C) partial buffers
+    level 2, one program per channel block, a fixed-order pass over the P rows, relative to
+    row 0's pivot:
+        d_p = (K_p − K_0) + m_p,   μ = Σ n_p·d_p / Σ n_p
+        mean = K_0 + μ,            var = (Σ M2_p + Σ n_p·(d_p − μ)²) / Σ n_p
 
-    No E[t²] − E[t]² anywhere: data with mean 1e4 and std 1 keeps its float32 digits.
+    No E[t²] − E[t]² anywhere, and the shift keeps the per-chunk means small, so that their
+    float32 rounding does not pollute the between-chunk term: data with mean 1e4 and std 1
+    keeps its float32 digits (plain per-chunk means of 1e4 lose ~1e-4 of the variance).
 
 apply — one read, one write:   out = act(t_in·scale_c + shift_c)  (act = ReLU for mode 1)
 
@@ -110,7 +115,7 @@ def _tile_offsets(split, tile, tiles_per_split, s_inner, c, s_channel, inner,
 @triton.jit
 def stats_partial_kernel(
         t_ptr,                        # (outer, inner, C) activations through strides
-        cnt_ptr, mean_ptr, m2_ptr,    # (P, C) partial count, mean, M2; P = outer·splits
+        cnt_ptr, pivot_ptr, mean_ptr, m2_ptr,  # (P, C) partial count, pivot, shifted mean, M2
         inner, C, s_outer, s_inner, s_channel, splits, tiles_per_split,
         RELU_MODE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
@@ -119,6 +124,10 @@ def stats_partial_kernel(
     c_mask = c < C
     acc = mean_ptr.dtype.element_ty
     base = t_ptr + outer.to(tl.int64) * s_outer
+    first = (split * tiles_per_split * BLOCK_I).to(tl.int64) * s_inner  # always < inner
+    pivot = tl.load(base + first + c * s_channel, mask=c_mask, other=0.0).to(acc)
+    if RELU_MODE == 2:
+        pivot = relu_keep_nan(pivot)
     n = tl.zeros([BLOCK_C], acc)
     mean = tl.zeros([BLOCK_C], acc)
     m2 = tl.zeros([BLOCK_C], acc)
@@ -128,43 +137,54 @@ def stats_partial_kernel(
         v = tl.load(base + offs, mask=mask, other=0.0).to(acc)
         if RELU_MODE == 2:
             v = relu_keep_nan(v)
-        n_b, mean_b, m2_b = tile_moments(v, mask)
+        n_b, mean_b, m2_b = tile_moments(v - pivot[None, :], mask)
         n, mean, m2 = chan_merge(n, mean, m2, n_b, mean_b, m2_b)
     out = pid * C + c
     tl.store(cnt_ptr + out, n, mask=c_mask)
+    tl.store(pivot_ptr + out, pivot, mask=c_mask)
     tl.store(mean_ptr + out, mean, mask=c_mask)
     tl.store(m2_ptr + out, m2, mask=c_mask)
 
 
 @triton.jit
 def merge_moments_kernel(
-        cnt_ptr, mean_ptr, m2_ptr,    # (P, C) partials from stats_partial_kernel or the conv
+        cnt_ptr, pivot_ptr, mean_ptr, m2_ptr,  # (P, C) partials (stats_partial_kernel, conv)
         out_mean_ptr, out_var_ptr,    # (C,) batch mean and biased variance
         P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     acc = out_mean_ptr.dtype.element_ty
+    ref = tl.load(pivot_ptr + c, mask=c_mask, other=0.0)
     total = tl.zeros([BLOCK_C], acc)
     weighted = tl.zeros([BLOCK_C], acc)
     for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        offs = p[:, None] * C + c[None, :]
-        mask = (p < P)[:, None] & c_mask[None, :]
-        n_p = tl.load(cnt_ptr + offs, mask=mask, other=0.0)
+        n_p, d_p, _ = _shifted_partials(cnt_ptr, pivot_ptr, mean_ptr, m2_ptr, ref, p0, P, c,
+                                        c_mask, C, BLOCK_P)
         total += tl.sum(n_p, axis=0)
-        weighted += tl.sum(n_p * tl.load(mean_ptr + offs, mask=mask, other=0.0), axis=0)
+        weighted += tl.sum(n_p * d_p, axis=0)
     total = tl.where(c_mask, total, 1.0)  # channels past C: no 0/0
-    mean = weighted / total
+    mu = weighted / total
     m2 = tl.zeros([BLOCK_C], acc)
     for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        offs = p[:, None] * C + c[None, :]
-        mask = (p < P)[:, None] & c_mask[None, :]
-        n_p = tl.load(cnt_ptr + offs, mask=mask, other=0.0)
-        d = tl.load(mean_ptr + offs, mask=mask, other=0.0) - mean[None, :]
-        m2 += tl.sum(tl.load(m2_ptr + offs, mask=mask, other=0.0) + n_p * d * d, axis=0)
-    tl.store(out_mean_ptr + c, mean, mask=c_mask)
+        n_p, d_p, m2_p = _shifted_partials(cnt_ptr, pivot_ptr, mean_ptr, m2_ptr, ref, p0, P,
+                                           c, c_mask, C, BLOCK_P)
+        d = d_p - mu[None, :]
+        m2 += tl.sum(m2_p + n_p * d * d, axis=0)
+    tl.store(out_mean_ptr + c, ref + mu, mask=c_mask)
     tl.store(out_var_ptr + c, m2 / total, mask=c_mask)
+
+
+@triton.jit
+def _shifted_partials(cnt_ptr, pivot_ptr, mean_ptr, m2_ptr, ref, p0, P, c, c_mask, C,
+                      BLOCK_P: tl.constexpr):
+    """(n_p, d_p = (K_p − K_0) + m_p, M2_p) for partial rows p0 … p0 + BLOCK_P."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    offs = p[:, None] * C + c[None, :]
+    mask = (p < P)[:, None] & c_mask[None, :]
+    n_p = tl.load(cnt_ptr + offs, mask=mask, other=0.0)
+    d_p = ((tl.load(pivot_ptr + offs, mask=mask, other=0.0) - ref[None, :])
+           + tl.load(mean_ptr + offs, mask=mask, other=0.0))
+    return n_p, tl.where(mask, d_p, 0.0), tl.load(m2_ptr + offs, mask=mask, other=0.0)
 
 
 @triton.jit

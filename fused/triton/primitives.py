@@ -71,14 +71,17 @@ def _strides(geo: _common.Geometry):
     return geo.inner, geo.channels, geo.s_outer, geo.s_inner, geo.s_channel
 
 
-def merge_moments(cnt: Tensor, mean: Tensor, m2: Tensor) -> Tuple[Tensor, Tensor]:
-    """(mean, var) per channel from (P, C) partial moments (also used by the conv epilogue)."""
+def merge_moments(cnt: Tensor, pivot: Tensor, mean: Tensor, m2: Tensor
+                  ) -> Tuple[Tensor, Tensor]:
+    """(mean, var) per channel from (P, C) partial moments of shifted data (also used by
+    the conv epilogue)."""
     p, c = cnt.shape
     out_mean = torch.empty(c, dtype=mean.dtype, device=mean.device)
     out_var = torch.empty_like(out_mean)
     block_c = min(triton.next_power_of_2(c), 128)
     K.merge_moments_kernel[(triton.cdiv(c, block_c),)](
-        cnt, mean, m2, out_mean, out_var, p, c, BLOCK_P=_MERGE_BLOCK_P, BLOCK_C=block_c)
+        cnt, pivot, mean, m2, out_mean, out_var, p, c, BLOCK_P=_MERGE_BLOCK_P,
+        BLOCK_C=block_c)
     return out_mean, out_var
 
 
@@ -101,12 +104,11 @@ def stats(t: Tensor, relu_mode: int) -> Tuple[Tensor, Tensor]:
         return nan, nan.clone()
     tiles = _common.tiling(geo, reduction=True)
     grid = tiles.grid(geo)
-    cnt, mean, m2 = (torch.empty(grid[0], geo.channels, dtype=acc, device=t.device)
-                     for _ in range(3))
-    K.stats_partial_kernel[grid](t, cnt, mean, m2, *_strides(geo), tiles.splits,
+    parts = [torch.empty(grid[0], geo.channels, dtype=acc, device=t.device) for _ in range(4)]
+    K.stats_partial_kernel[grid](t, *parts, *_strides(geo), tiles.splits,
                                  tiles.tiles_per_split, RELU_MODE=relu_mode,
                                  BLOCK_I=tiles.block_i, BLOCK_C=tiles.block_c)
-    return merge_moments(cnt, mean, m2)
+    return merge_moments(*parts)
 
 
 def apply(t: Tensor, scale: Tensor, shift: Tensor, relu_mode: int) -> Tensor:
