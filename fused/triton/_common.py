@@ -87,8 +87,10 @@ def geometry(t: Tensor, op: str) -> Geometry:
 
 
 def memory_format(t: Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
-            memory_format=torch.channels_last):
+    """ATen's choice for a convolution output: channels_last when t is laid out channel-
+    fastest, including the ambiguous single-channel case (stride(1) == 1 < H·W)."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and (
+            not t.is_contiguous() or (t.stride(1) == 1 and t.shape[2] * t.shape[3] > 1)):
         return torch.channels_last
     return torch.contiguous_format
 
