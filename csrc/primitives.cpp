@@ -231,16 +231,21 @@ void apply_kernel(const scalar_t* x, scalar_t* y, const Geometry& geo, const acc
       geo,
       [&](int64_t c, int64_t off, int64_t n) {
         const acc_t s = scale[c], b = shift[c];
+        const scalar_t* __restrict__ xp = x + off;
+        scalar_t* __restrict__ yp = y + off;
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i)
-          y[off + i] = static_cast<scalar_t>(
-              normalize<Mode, acc_t>(static_cast<acc_t>(x[off + i]), s, b));
+          yp[i] = static_cast<scalar_t>(normalize<Mode, acc_t>(static_cast<acc_t>(xp[i]), s, b));
       },
       [&](int64_t off) {
+        const scalar_t* __restrict__ xp = x + off;
+        scalar_t* __restrict__ yp = y + off;
+        const acc_t* __restrict__ sp = scale;
+        const acc_t* __restrict__ bp = shift;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c)
-          y[off + c] = static_cast<scalar_t>(
-              normalize<Mode, acc_t>(static_cast<acc_t>(x[off + c]), scale[c], shift[c]));
+          yp[c] = static_cast<scalar_t>(
+              normalize<Mode, acc_t>(static_cast<acc_t>(xp[c]), sp[c], bp[c]));
       });
 }
 
@@ -254,17 +259,25 @@ void backward_apply_kernel(const scalar_t* g, const scalar_t* x, scalar_t* dx,
       geo,
       [&](int64_t c, int64_t off, int64_t n) {
         const acc_t s = scale[c], b = shift[c], m = mean[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
+        const scalar_t* __restrict__ gp = g + off;
+        const scalar_t* __restrict__ xp = x + off;
+        scalar_t* __restrict__ dp = dx + off;
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i)
-          dx[off + i] = static_cast<scalar_t>(input_grad<Mode, acc_t>(
-              static_cast<acc_t>(g[off + i]), static_cast<acc_t>(x[off + i]), s, b, m, a1, a2, a3));
+          dp[i] = static_cast<scalar_t>(input_grad<Mode, acc_t>(
+              static_cast<acc_t>(gp[i]), static_cast<acc_t>(xp[i]), s, b, m, a1, a2, a3));
       },
       [&](int64_t off) {
+        const scalar_t* __restrict__ gp = g + off;
+        const scalar_t* __restrict__ xp = x + off;
+        scalar_t* __restrict__ dp = dx + off;
+        const acc_t *__restrict__ sp = scale, *__restrict__ bp = shift, *__restrict__ mp = mean;
+        const acc_t *__restrict__ p1 = k1, *__restrict__ p2 = k2, *__restrict__ p3 = k3;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c)
-          dx[off + c] = static_cast<scalar_t>(input_grad<Mode, acc_t>(
-              static_cast<acc_t>(g[off + c]), static_cast<acc_t>(x[off + c]), scale[c],
-              shift[c], mean[c], k1[c], k2[c], k3[c]));
+          dp[c] = static_cast<scalar_t>(input_grad<Mode, acc_t>(
+              static_cast<acc_t>(gp[c]), static_cast<acc_t>(xp[c]), sp[c], bp[c], mp[c],
+              p1[c], p2[c], p3[c]));
       });
 }
 
@@ -282,12 +295,15 @@ void backward_reduce_planes(const scalar_t* g, const scalar_t* x, const Geometry
       const acc_t s = scale[c], b = shift[c], m = mean[c];
       double total_g = 0, total_gt = 0;
       for (int64_t n = 0; n < geo.N; ++n) {
-        const int64_t off = (n * geo.C + c) * S;
+        // Local pointers: loads through the lambda's captured references would keep the
+        // loop from vectorizing.
+        const scalar_t* __restrict__ xp = x + (n * geo.C + c) * S;
+        const scalar_t* __restrict__ gp = g + (n * geo.C + c) * S;
         acc_t sg = 0, sgt = 0;
 #pragma omp simd reduction(+ : sg, sgt)
         for (int64_t i = 0; i < S; ++i) {
-          const acc_t t = static_cast<acc_t>(x[off + i]);
-          const acc_t gv = load_grad<Mode, acc_t>(g[off + i], t, s, b);
+          const acc_t t = static_cast<acc_t>(xp[i]);
+          const acc_t gv = load_grad<Mode, acc_t>(gp[i], t, s, b);
           sg += gv;
           sgt += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - m);
         }
@@ -311,20 +327,22 @@ void backward_reduce_rows(const scalar_t* g, const scalar_t* x, const Geometry& 
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     std::vector<acc_t> bg(C), bgt(C);
-    acc_t* sg = bg.data();
-    acc_t* sgt = bgt.data();
+    acc_t* __restrict__ sg = bg.data();
+    acc_t* __restrict__ sgt = bgt.data();
+    const acc_t *__restrict__ sp = scale, *__restrict__ bp = shift, *__restrict__ mp = mean;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * block, r1 = std::min(rows, r0 + block);
       std::fill(bg.begin(), bg.end(), acc_t(0));
       std::fill(bgt.begin(), bgt.end(), acc_t(0));
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t off = r * C;
+        const scalar_t* __restrict__ xp = x + r * C;
+        const scalar_t* __restrict__ gp = g + r * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t t = static_cast<acc_t>(x[off + c]);
-          const acc_t gv = load_grad<Mode, acc_t>(g[off + c], t, scale[c], shift[c]);
+          const acc_t t = static_cast<acc_t>(xp[c]);
+          const acc_t gv = load_grad<Mode, acc_t>(gp[c], t, sp[c], bp[c]);
           sg[c] += gv;
-          sgt[c] += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - mean[c]);
+          sgt[c] += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - mp[c]);
         }
       }
       for (int64_t c = 0; c < C; ++c) {

@@ -157,11 +157,15 @@ def _setup_context(ctx, inputs, output):
     if not batch_stats:
         mean, var = mean_in, var_in
     folded = _folds(batch_stats, relu_mode)
+    # Outputs other than `out` (y, statistics) get no gradient: do not materialize zeros.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, y, out if folded else None, mean, var, gamma, beta)
     ctx.args = (stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats)
 
 
 def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
+    if grad_out is None:  # only the statistics were used downstream
+        return (None,) * 14
     x, weight, bias, y, out, mean, var, gamma, beta = ctx.saved_tensors
     stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats = ctx.args
     needs = ctx.needs_input_grad

@@ -164,12 +164,16 @@ def _setup_context(ctx, inputs, output):
     batch_stats = norm != "affine" and mean_in is None
     if not batch_stats:
         mean, var = mean_in, var_in
+    # Outputs other than `out` (y, statistics) get no gradient: do not materialize zeros.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, out if relu else None, weight, mean, var, gamma, beta)
     ctx.args = (stride, padding, dilation, groups, eps, norm, relu, batch_stats,
                 bias is not None)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    if grad_out is None:  # only the statistics were used downstream
+        return (None,) * 14
     x, out, weight, mean, var, gamma, beta = ctx.saved_tensors
     stride, padding, dilation, groups, eps, norm, relu, batch_stats, has_bias = ctx.args
     needs = ctx.needs_input_grad

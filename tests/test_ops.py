@@ -309,20 +309,25 @@ def test_property_random_shapes(order, norm, training, channels_last, n, c_in, c
             compare(case)
         return
     tensors = make_tensors(case, seed)
-    grad_out = torch.randn(run_unit(reference_fn(order), case, tensors, torch.float64,
-                                    None)["out"].shape, dtype=torch.float64)
+    out_shape = run_unit(reference_fn(order), case, tensors, torch.float64, None)["out"].shape
+    grad_out = torch.randn(out_shape, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(seed))
     exp = run_unit(reference_fn(order), case, tensors, torch.float64, grad_out)
     got = run_unit(FUNCTIONALS[order], case, tensors, torch.float32, grad_out)
-    # Tiny batches (M = 2) make the normalization ill-conditioned; the float32 error is
-    # then bounded by eager float32's own error, as for low precision.
+    # Tiny batches (M = 2) make the normalization ill-conditioned, and some gradients are
+    # then exactly 0 with only rounding noise left (with M = 2 the normalized values are ±1
+    # whatever the input). The float32 error is bounded by eager float32's own error plus
+    # 1e-4 of the largest value of the same kind (outputs, or any gradient).
     eager = run_unit(reference_fn(order), case, tensors, torch.float32, grad_out)
+    grad_scale = max([v.abs().max().item() for k, v in exp.items()
+                      if k.startswith("d") and v is not None] + [1e-30])
     for key, value in exp.items():
         if value is None:
             assert got[key] is None
             continue
         err = (got[key].double() - value).abs().max().item()
         eager_err = (eager[key].double() - value).abs().max().item()
-        scale = max(value.abs().max().item(), 1e-30)
+        scale = grad_scale if key.startswith("d") else max(value.abs().max().item(), 1e-30)
         assert err <= 2 * eager_err + 1e-4 * scale, (key, err, eager_err, scale)
 
 

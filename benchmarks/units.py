@@ -1,0 +1,150 @@
+"""One unit at the layer shapes of ResNet-20 and VGG-16: fused vs eager vs torch.compile.
+
+    python -m benchmarks.units [--formats nchw,nhwc] [--providers eager,fused,compile]
+                               [--modes fwd,fwdbwd] [--rounds 7] [--json FILE]
+
+For every shape, order and memory format it times, interleaved in one process:
+
+    conv+relu   the unit with norm "none" in eager PyTorch: the floor a fused unit can reach
+                (the convolution stays in ATen)
+    eager       the unit in eager PyTorch (nn.Conv2d, nn.BatchNorm2d, ReLU)
+    fused       this package's fused unit
+    compile     torch.compile (inductor) of the eager unit; compile time reported apart
+
+and prints medians and the *unit BN tax*: unit time / conv+relu time − 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import fused
+from benchmarks import common
+
+# (label, in_channels, out_channels, spatial size); batch 128 as in training.
+SHAPES = [
+    ("resnet20 16ch 32px", 16, 16, 32),
+    ("resnet20 32ch 16px", 32, 32, 16),
+    ("resnet20 64ch 8px", 64, 64, 8),
+    ("vgg16 128ch 16px", 128, 128, 16),
+]
+BATCH = 128
+
+
+def make_step(module: torch.nn.Module, x: torch.Tensor, mode: str):
+    params = [p for p in module.parameters() if p.requires_grad]
+    grad = None
+
+    def forward():
+        return module(x)
+
+    def forward_backward():
+        nonlocal grad
+        out = module(x)
+        if grad is None:
+            grad = torch.randn_like(out)
+        torch.autograd.grad(out, [x, *params], grad)
+
+    return forward if mode == "fwd" else forward_backward
+
+
+def build(order: str, cin: int, cout: int, norm: str, backend: str, fmt):
+    torch.manual_seed(0)
+    unit = fused.make_unit(order, cin, cout, 3, 1, 1, norm=norm, backend=backend)
+    return unit.train().to(memory_format=fmt)
+
+
+def run(args) -> list:
+    formats = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+    rows = []
+    cases = [(s, o, f, m) for s in SHAPES for o in fused.ORDERS for f in args.formats
+             for m in args.modes]
+    bar = tqdm(cases, desc="units", unit="case", file=sys.stderr)
+    for (label, cin, cout, px), order, fmt_name, mode in bar:
+        bar.set_postfix_str(f"{label} {order} {fmt_name} {mode}")
+        fmt = formats[fmt_name]
+        x = torch.randn(BATCH, cin, px, px).contiguous(memory_format=fmt).requires_grad_()
+        modules = {"conv+relu": build(order, cin, cout, "none", "eager", fmt)}
+        if "eager" in args.providers:
+            modules["eager"] = build(order, cin, cout, "bn", "eager", fmt)
+        if "fused" in args.providers:
+            modules["fused"] = build(order, cin, cout, "bn", "fused", fmt)
+        compile_s = None
+        if "compile" in args.providers:
+            start = time.perf_counter()
+            compiled = torch.compile(build(order, cin, cout, "bn", "eager", fmt))
+            make_step(compiled, x, mode)()
+            compile_s = time.perf_counter() - start
+            modules["compile"] = compiled
+        steps = {name: make_step(m, x, mode) for name, m in modules.items()}
+        samples = common.time_interleaved(steps, rounds=args.rounds, inner=args.inner)
+        med = {name: common.median(v) for name, v in samples.items()}
+        row = dict(shape=label, order=order, format=fmt_name, mode=mode,
+                   ms={k: 1e3 * v for k, v in med.items()},
+                   tax={k: med[k] / med["conv+relu"] - 1 for k in med if k != "conv+relu"},
+                   compile_s=compile_s)
+        if "fused" in med and "eager" in med:
+            row["fused_vs_eager"] = med["eager"] / med["fused"]
+        if "fused" in med and "compile" in med:
+            row["fused_vs_compile"] = med["compile"] / med["fused"]
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    providers = [p for p in ("conv+relu", "eager", "fused", "compile") if p in rows[0]["ms"]]
+    table = Table(title=f"One unit, batch {BATCH}, fp32, {torch.get_num_threads()} threads "
+                        f"(median ms; BN tax = unit / conv+relu − 1)")
+    for col in ["shape", "order", "fmt", "mode", *[f"{p} ms" for p in providers],
+                *[f"tax {p}" for p in providers[1:]], "fused speed-up vs eager"]:
+        table.add_column(col, justify="right" if col not in ("shape", "order") else "left")
+    for r in rows:
+        table.add_row(r["shape"], r["order"], r["format"], r["mode"],
+                      *[f"{r['ms'][p]:.2f}" for p in providers],
+                      *[f"{100 * r['tax'][p]:+.0f}%" for p in providers[1:]],
+                      f"{r.get('fused_vs_eager', float('nan')):.2f}x")
+    Console(width=200).print(table)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", default="nchw,nhwc")
+    parser.add_argument("--providers", default="eager,fused,compile")
+    parser.add_argument("--modes", default="fwd,fwdbwd")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--inner", type=int, default=3)
+    parser.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's choice, all cores)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    args.formats = args.formats.split(",")
+    args.providers = args.providers.split(",")
+    args.modes = args.modes.split(",")
+    if args.shapes != "all":
+        global SHAPES
+        SHAPES = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    common.ensure_allocator_env("benchmarks.units")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"backend {fused.backend()}, copy bandwidth "
+          f"{common.copy_bandwidth() / 1e9:.1f} GB/s, largest cache "
+          f"{common.cache_bytes() >> 20} MiB", file=sys.stderr)
+    rows = run(args)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
