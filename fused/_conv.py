@@ -64,6 +64,15 @@ def dense(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=memory_format_of(t))
 
 
+def batch_sum(t: Tensor) -> Tensor:
+    """t.sum(0, keepdim=True) as one pass over contiguous memory: ATen's reduction over the
+    batch of a channels_last tensor is ~25x slower than this column sum of its 2-D view."""
+    if memory_format_of(t) == torch.channels_last:
+        n, c, h, w = t.shape
+        return t.permute(0, 2, 3, 1).reshape(n, -1).sum(0).view(1, h, w, c).permute(0, 3, 1, 2)
+    return t.reshape(t.shape[0], -1).sum(0).view(1, *t.shape[1:])
+
+
 def empty_like_or_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     """Custom ops cannot return None: an empty tensor stands for 'no gradient'."""
     return t if t is not None else like.new_empty(0)

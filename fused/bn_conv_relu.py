@@ -59,9 +59,10 @@ def _folds(x: Tensor, mean: Tensor, rstd: Tensor) -> bool:
 
 
 def _shift_image(shift: Tensor, x: Tensor) -> Tensor:
-    """B: b_c everywhere inside the borders of one image (padding stays zero)."""
-    return shift.to(x.dtype).view(1, -1, 1, 1).expand(1, x.shape[1], x.shape[2],
-                                                      x.shape[3]).contiguous()
+    """B: b_c everywhere inside the borders of one image (padding stays zero), in x's
+    memory format so that ATen picks the same (oneDNN) convolution as for x."""
+    return shift.to(x.dtype).view(1, -1, 1, 1).expand(1, *x.shape[1:]).contiguous(
+        memory_format=_conv.memory_format_of(x))
 
 
 @torch.library.custom_op("bnorder::norm_conv_forward", mutates_args=())
@@ -134,7 +135,7 @@ def norm_conv_backward(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor,
     dnorm = dnorm.contiguous(memory_format=_conv.memory_format_of(x))
     if folds and grad_mask[1]:
         shift_image = _shift_image(shift, x)
-        border = _conv.conv_backward(g.sum(0, keepdim=True), shift_image, weight, stride,
+        border = _conv.conv_backward(_conv.batch_sum(g), shift_image, weight, stride,
                                      padding, dilation, groups, [False, True, False])[1]
         dweight = _conv.scale_in_channels(dweight, scale, groups) + border
     sum_g, sum_gtc = prims.backward_reduce(dnorm, x, mean_c, scale, shift, RELU_NONE)
