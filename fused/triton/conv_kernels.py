@@ -52,6 +52,14 @@ from .norm_kernels import cast_to, grad_of_input, relu_keep_nan, tile_moments
 
 
 @triton.jit
+def _rows(start, stop, BLOCK: tl.constexpr, A, B):
+    """Rows start … start + BLOCK of an (n, a, b) index space with A·B rows per image:
+    (valid, n, a, b)."""
+    m = start + tl.arange(0, BLOCK)
+    return m < stop, m // (A * B), (m // B) % A, m % B
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     if DOT_F32:
         return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -116,11 +124,7 @@ def conv_fwd_kernel(
         DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = m < N * P * Q
-    n = m // (P * Q)
-    p = (m // Q) % P
-    q = m % Q
+    m_mask, n, p, q = _rows(pid_m * BLOCK_M, N * P * Q, BLOCK_M, P, Q)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_mask = o < O
     acc_ty = cnt_ptr.dtype.element_ty
@@ -182,11 +186,7 @@ def conv_dgrad_kernel(
         REDUCE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = m < N * H * W
-    n = m // (H * W)
-    h = (m // W) % H
-    w = m % W
+    m_mask, n, h, w = _rows(pid_m * BLOCK_M, N * H * W, BLOCK_M, H, W)
     c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = c < C
     acc_ty = vec_ptr.dtype.element_ty
@@ -252,11 +252,7 @@ def conv_wgrad_kernel(
     start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, N * P * Q)
     for j0 in range(start, end, BLOCK_K):
-        j = j0 + tl.arange(0, BLOCK_K)
-        j_mask = j < end
-        n = j // (P * Q)
-        p = (j // Q) % P
-        q = j % Q
+        j_mask, n, p, q = _rows(j0, end, BLOCK_K, P, Q)
         g = _grad_prologue(g_ptr, y_ptr,
                            o[:, None] * sgo + (n.to(tl.int64) * sgn + p * sgp + q * sgq)[None, :],
                            o_mask[:, None] & j_mask[None, :], vec_ptr, o, o_mask, O,

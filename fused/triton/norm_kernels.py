@@ -113,15 +113,29 @@ def _tile_offsets(split, tile, tiles_per_split, s_inner, c, s_channel, inner,
 
 
 @triton.jit
+def _program_channels(splits, C, BLOCK_C: tl.constexpr):
+    """(pid, outer, split, channels, channel mask) of this program."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid, pid // splits, pid % splits, c, c < C
+
+
+@triton.jit
+def _elementwise_tile(splits, inner, C, s_outer, s_inner, s_channel, BLOCK_I: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """(offsets, mask, channels, channel mask) of an element-wise program's one tile."""
+    _, outer, split, c, c_mask = _program_channels(splits, C, BLOCK_C)
+    offs, mask = _tile_offsets(split, 0, 1, s_inner, c, s_channel, inner, c_mask, BLOCK_I)
+    return offs + outer.to(tl.int64) * s_outer, mask, c, c_mask
+
+
+@triton.jit
 def stats_partial_kernel(
         t_ptr,                        # (outer, inner, C) activations through strides
         cnt_ptr, pivot_ptr, mean_ptr, m2_ptr,  # (P, C) partial count, pivot, shifted mean, M2
         inner, C, s_outer, s_inner, s_channel, splits, tiles_per_split,
         RELU_MODE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    outer, split = pid // splits, pid % splits
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    pid, outer, split, c, c_mask = _program_channels(splits, C, BLOCK_C)
     acc = mean_ptr.dtype.element_ty
     base = t_ptr + outer.to(tl.int64) * s_outer
     first = (split * tiles_per_split * BLOCK_I).to(tl.int64) * s_inner  # always < inner
@@ -213,13 +227,9 @@ def apply_kernel(
         scale_ptr, shift_ptr,         # (C,) float32/float64
         inner, C, s_outer, s_inner, s_channel, splits,
         RELU_MODE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    outer, split = pid // splits, pid % splits
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    offs, mask, c, c_mask = _elementwise_tile(splits, inner, C, s_outer, s_inner, s_channel,
+                                              BLOCK_I, BLOCK_C)
     acc = scale_ptr.dtype.element_ty
-    offs, mask = _tile_offsets(split, 0, 1, s_inner, c, s_channel, inner, c_mask, BLOCK_I)
-    offs += outer.to(tl.int64) * s_outer
     v = tl.load(t_ptr + offs, mask=mask, other=0.0).to(acc)
     if RELU_MODE == 2:
         v = relu_keep_nan(v)
@@ -238,10 +248,7 @@ def backward_reduce_kernel(
         sum_g_ptr, sum_gtc_ptr,       # (P, C) partial Σg', Σg'·(t_in − mean)
         inner, C, s_outer, s_inner, s_channel, splits, tiles_per_split,
         RELU_MODE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    outer, split = pid // splits, pid % splits
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    pid, outer, split, c, c_mask = _program_channels(splits, C, BLOCK_C)
     acc = mean_ptr.dtype.element_ty
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)[None, :]
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)[None, :]
@@ -268,13 +275,9 @@ def backward_apply_kernel(
         mean_ptr, scale_ptr, shift_ptr, k1_ptr, k2_ptr, k3_ptr,  # (C,) float32/float64
         inner, C, s_outer, s_inner, s_channel, splits,
         RELU_MODE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    outer, split = pid // splits, pid % splits
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    offs, mask, c, c_mask = _elementwise_tile(splits, inner, C, s_outer, s_inner, s_channel,
+                                              BLOCK_I, BLOCK_C)
     acc = mean_ptr.dtype.element_ty
-    offs, mask = _tile_offsets(split, 0, 1, s_inner, c, s_channel, inner, c_mask, BLOCK_I)
-    offs += outer.to(tl.int64) * s_outer
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc)
     t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(acc)
     dt = grad_of_input(
