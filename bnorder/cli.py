@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-subset", type=_positive_int)
     s.add_argument("--batch-size", type=_positive_int)
     _add_data_args(s)
+    s.add_argument("--budget-s", type=_positive_float, default=None,
+                   help="start no new run after this many seconds of training (the first always starts; quick preset: 660)")
+    s.add_argument("--lr", type=_positive_float, default=None)
     s.add_argument("--out", default=None, help="study folder (default runs/study-<preset>)")
     s.add_argument("--report-only", action="store_true",
                    help="only (re)write the report from the finished runs in --out")

@@ -313,7 +313,10 @@ def _sections(spec: Dict, res: Dict, figures: Dict, n_runs: int, n_done: int) ->
                f"backends {', '.join(backends)}. Hyper-parameters: {hp}."
                + (f" Overridden on the command line: {', '.join(spec['overridden'])}."
                   if spec.get("overridden") else "")),
-         ("p", f"{n_done} of {n_runs} runs finished and are reported. Machine: "
+         ("p", f"{n_done} of {n_runs} runs finished and are reported"
+               + (f" (the time budget stopped the study before: "
+                  f"{'; '.join(spec['not_started'])})" if spec.get("not_started") else "")
+               + ". Machine: "
                f"{m.get('cpu', '?')}, {m.get('threads', '?')} threads, torch "
                f"{m.get('torch', '?')}, fused backend {m.get('fused_backend', '?')}. Norm "
                "`none` is trained once per network (conv-bn-relu topology) and is the BN-tax "

@@ -1,0 +1,123 @@
+"""bnorder.study / bnorder.report: a tiny study end to end (grid, skip of finished runs, report
+files with every section and figure, the numbers in them computed from the runs)."""
+import argparse
+import json
+import statistics
+
+import pytest
+
+from bnorder import cli, report, study, train
+
+TINY = ["--models", "cnn", "--seeds", "0,1", "--epochs", "2", "--subset", "32",
+        "--test-subset", "32", "--batch-size", "16", "--data", "synthetic", "--no-progress",
+        "--lr", "0.05"]
+SECTIONS = ["# bnorder study: quick", "## Convergence", "## Final accuracy",
+            "### All pairs (Welch's t-test on final accuracy)", "## Time to accuracy",
+            "## Throughput and BN tax", "## Gradient flow"]
+FIGURES = ["curves_epoch.png", "curves_wall.png", "final_accuracy.png",
+           "time_to_accuracy.png", "throughput.png", "bn_tax.png", "gradient_flow.png"]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    assert cli.main(["study", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_grid_of_the_quick_preset():
+    args = argparse.Namespace(preset="quick", **{k: None for k in (
+        "models", "orders", "norms", "seeds", "backends", "epochs", "subset", "test_subset",
+        "batch_size", "data", "data_dir", "lr", "budget_s")})
+    runs = study.grid(study.resolve(args))
+    # 3 networks × (3 orders with bn + none) × (fused seeds 0, 1 + eager seed 0)
+    assert len(runs) == 3 * 4 * 3
+    assert {r["label"] for r in runs} == {"conv-bn-relu", "conv-relu-bn", "bn-conv-relu",
+                                          "none"}
+    assert {r["seed"] for r in runs if r["backend"] == "eager"} == {0}
+    assert [r["seed"] for r in runs][:12] == [0] * 12          # seed-major order
+
+
+def test_report_files_and_sections(tiny_study):
+    md = (tiny_study / "report.md").read_text()
+    html = (tiny_study / "report.html").read_text()
+    for section in SECTIONS:
+        assert section in md
+        assert section.lstrip("# ") in html
+    for fig in FIGURES:
+        png = tiny_study / "figures" / fig
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(figures/{fig})" in md and f"src='figures/{fig}'" in html
+    assert "16 of 16 runs finished" in md
+
+
+def _runs(out):
+    spec = json.loads((out / "study.json").read_text())
+    return spec, report._load_runs(study.grid(spec), study.run_dir, out)
+
+
+def test_report_numbers_come_from_the_runs(tiny_study):
+    spec, runs = _runs(tiny_study)
+    res = report.analyse(spec, runs)
+    md = (tiny_study / "report.md").read_text()
+    for r in res["rows"]:
+        finals = [g["rows"][-1]["test_acc"] for g in runs
+                  if (g["label"], g["backend"]) == (r["label"], "fused")]
+        assert r["acc_mean"] == pytest.approx(statistics.fmean(finals))
+        assert report._pm(r["acc_mean"], r["acc_std"]) in md
+
+    def step(label, backend):
+        return statistics.median(row["step_s_median"] for g in runs
+                                 if (g["label"], g["backend"]) == (label, backend)
+                                 for row in g["rows"])
+    cbr = next(r for r in res["rows"] if r["label"] == "conv-bn-relu")
+    for backend in ("eager", "fused"):
+        assert cbr[f"tax_{backend}"] == pytest.approx(step("conv-bn-relu", backend) /
+                                                      step("none", backend) - 1)
+        assert cbr[f"img_s_{backend}"] == pytest.approx(16 / step("conv-bn-relu", backend))
+    # eager and fused compute the same function: same final accuracy per seed
+    assert all(r["eager_fused_diff"] is not None and r["eager_fused_diff"] <= 1 / 32
+               for r in res["rows"])
+
+
+def test_rerun_skips_finished_runs(tiny_study, capsys):
+    before = {p: p.stat().st_mtime_ns for p in tiny_study.glob("runs/**/done.json")}
+    assert cli.main(["study", *TINY, "--out", str(tiny_study)]) == 0
+    out = capsys.readouterr().out
+    assert "16 runs" in out and "(16 already finished)" in out and "report:" in out
+    assert before == {p: p.stat().st_mtime_ns for p in tiny_study.glob("runs/**/done.json")}
+
+
+def test_welch_test_says_when_seeds_are_too_few():
+    assert "too few seeds" in report.welch([0.5], [0.6, 0.7])["note"]
+    res = report.welch([0.50, 0.52, 0.51], [0.70, 0.71, 0.69])
+    assert res["p"] < 0.01 and "low power" in res["note"]
+    assert report.welch([0.5, 0.5], [0.5, 0.5])["p"] is None
+
+
+def test_time_budget_stops_before_new_runs(tmp_path, capsys):
+    assert cli.main(["study", *TINY, "--models", "cnn", "--seeds", "0", "--backends",
+                     "eager", "--budget-s", "1e-9", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    spec = json.loads((tmp_path / "study.json").read_text())
+    # the first run always starts; every later one is listed as not started
+    assert "time budget" in out and len(spec["not_started"]) == 3
+    assert "the time budget stopped the study" in (tmp_path / "report.md").read_text()
+
+
+def test_study_errors(tmp_path, capsys):
+    assert cli.main(["study", "--data", "cifar10", "--out", str(tmp_path)]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    assert cli.main(["study", "--report-only", "--out", str(tmp_path / "empty")]) == 2
+    assert "run the study first" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--orders", "conv-bn-relu,relu-first"])
+    assert "relu-first" in capsys.readouterr().err
+
+
+def test_train_config_of_a_study_run(tiny_study):
+    spec, runs = _runs(tiny_study)
+    cfg = json.loads((study.run_dir(tiny_study, {**runs[0], "config": None}) /
+                      "config.json").read_text())
+    assert cfg["epochs"] == 2 and cfg["subset"] == 32 and cfg["data"] == "synthetic"
+    assert set(cfg) == set(train.TrainConfig().to_json())
