@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import fused
 from benchmarks import common
+from benchmarks.cases import FORMATS as formats, build_unit as build, make_step
 
 # (label, in_channels, out_channels, spatial size); batch 128 as in training.
 SHAPES = [
@@ -36,31 +37,7 @@ SHAPES = [
 BATCH = 128
 
 
-def make_step(module: torch.nn.Module, x: torch.Tensor, mode: str):
-    params = [p for p in module.parameters() if p.requires_grad]
-    grad = None
-
-    def forward():
-        return module(x)
-
-    def forward_backward():
-        nonlocal grad
-        out = module(x)
-        if grad is None:
-            grad = torch.randn_like(out)
-        torch.autograd.grad(out, [x, *params], grad)
-
-    return forward if mode == "fwd" else forward_backward
-
-
-def build(order: str, cin: int, cout: int, norm: str, backend: str, fmt):
-    torch.manual_seed(0)
-    unit = fused.make_unit(order, cin, cout, 3, 1, 1, norm=norm, backend=backend)
-    return unit.train().to(memory_format=fmt)
-
-
 def run(args) -> list:
-    formats = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
     rows = []
     cases = [(s, o, f, m) for s in SHAPES for o in fused.ORDERS for f in args.formats
              for m in args.modes]
