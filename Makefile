@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bnorder-setup
 
-.PHONY: setup test test-all clean data run
+.PHONY: setup test test-all clean data run bench
 
 setup: $(STAMP) data
 
@@ -30,6 +30,16 @@ test-all: setup
 # The study's quick preset on Fashion-MNIST (≤ 15 minutes on 2 cores); prints the table and report path.
 run: setup
 	$(PY) -m bnorder study --preset quick --out runs/study-quick
+
+# pytest-benchmark suites (≤ 25 min on 2 cores, quiet machine): benchmarks/results/<date>.json
+# and .md; BENCH_ARGS adds pytest options (e.g. BENCH_ARGS="-k resnet20" or "--wide").
+BENCH_OUT = benchmarks/results/$(shell date +%F)
+bench: setup
+	mkdir -p benchmarks/results
+	env $$($(PY) -c "from benchmarks.common import ALLOCATOR_ENV as e; print(*(f'{k}={v}' for k, v in e.items()))") \
+	  $(PY) -m pytest benchmarks/ --benchmark-only -p no:cacheprovider --benchmark-json=$(BENCH_OUT).json $(BENCH_ARGS)
+	$(PY) -m benchmarks.report $(BENCH_OUT).json -o $(BENCH_OUT).md
+	@echo "wrote $(BENCH_OUT).json and $(BENCH_OUT).md"
 
 clean:
 	rm -rf $(VENV) build *.egg-info fused/_C*.so
