@@ -41,9 +41,9 @@ def _mark(ok) -> str:
     return "" if ok is None else " ✓" if ok else " ✗"
 
 
-def _table(header: List[str], rows: List[List[str]]) -> List[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *["| " + " | ".join(r) + " |" for r in rows], ""]
+def _section(title: str, header: List[str], rows: List[List[str]], note: str) -> List[str]:
+    return [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(r) + " |" for r in rows], "", note, ""]
 
 
 def _by(benches: List[Dict], suite: str, *keys: str) -> Dict[tuple, Dict[str, Dict]]:
@@ -78,13 +78,14 @@ def networks_table(benches: List[Dict]) -> List[str]:
                      _pct(tax["compile"]),
                      f"{p['fused']['gbps']:.1f}" if "fused" in p else "–",
                      f"{p['compile']['compile_s']:.0f}" if "compile" in p else "–"])
-    return ["## Training step (forward + backward + SGD), median ms", "",
-            *_table(["network", "order", "batch", "eager", "fused", "compile", "none",
-                     "fused vs eager", "fused vs compile", "BN tax eager", "BN tax fused",
-                     "BN tax compile", "fused GB/s", "compile s"], rows),
-            "BN tax = step / step of the same network with norm none − 1 (same interleaved "
-            "run). Targets: fused BN tax ≤ 10 % on resnet20, ≤ 3 % on vgg16 and alexnet; "
-            "fused resnet20 step ≥ 1.2× eager and ≥ 1.5× torch.compile.", ""]
+    return _section(
+        "Training step (forward + backward + SGD), median ms",
+        ["network", "order", "batch", "eager", "fused", "compile", "none", "fused vs eager",
+         "fused vs compile", "BN tax eager", "BN tax fused", "BN tax compile", "fused GB/s",
+         "compile s"], rows,
+        "BN tax = step / step of the same network with norm none − 1 (same interleaved run). "
+        "Targets: fused BN tax ≤ 10 % on resnet20, ≤ 3 % on vgg16 and alexnet; fused "
+        "resnet20 step ≥ 1.2× eager and ≥ 1.5× torch.compile.")
 
 
 def units_table(benches: List[Dict]) -> List[str]:
@@ -102,12 +103,12 @@ def units_table(benches: List[Dict]) -> List[str]:
                      f"{fused['gbps']:.1f} ({100 * fused['fraction_of_copy_bandwidth']:.0f} %)"
                      if fused else "–",
                      "yes" if any_["fits_in_cache"] else "no"])
-    return ["## One unit (batch 128), median ms", "",
-            *_table(["shape", "order", "norm", "format", "mode", "conv+relu", *PROVIDERS,
-                     "fused vs eager", "tax eager", "tax fused", "tax compile",
-                     "fused GB/s (of copy)", "fits cache"], rows),
-            "tax = unit / conv+relu (same unit, empty norm slot) − 1, same interleaved run. "
-            "GB/s from DESIGN §4's bytes model (benchmarks.cases.unit_bytes).", ""]
+    return _section(
+        "One unit (batch 128), median ms",
+        ["shape", "order", "norm", "format", "mode", "conv+relu", *PROVIDERS, "fused vs eager",
+         "tax eager", "tax fused", "tax compile", "fused GB/s (of copy)", "fits cache"], rows,
+        "tax = unit / conv+relu (same unit, empty norm slot) − 1, same interleaved run. GB/s "
+        "from DESIGN §4's bytes model (benchmarks.cases.unit_bytes).")
 
 
 def memory_table(benches: List[Dict]) -> List[str]:
@@ -124,13 +125,13 @@ def memory_table(benches: List[Dict]) -> List[str]:
         rows.append([kind, what, order, norm, str(batch), _mib(e["saved_bytes"]),
                      _mib(f["saved_bytes"]), _pct(-cut) + _mark(ok), _mib(e["peak_bytes"]),
                      _mib(f["peak_bytes"]), _pct(f["peak_ratio_to_eager"] - 1)])
-    return ["## Memory: saved for backward and peak live bytes (MiB)", "",
-            *_table(["kind", "unit / network", "order", "norm", "batch", "saved eager",
-                     "saved fused", "fused vs eager", "peak eager", "peak fused",
-                     "fused vs eager"], rows),
-            "Saved: unique storages seen by saved_tensors_hooks in the training forward "
-            "(parameters left out). Targets: bn-conv-relu ≥ 30 % below eager, no order "
-            "above eager.", ""]
+    return _section(
+        "Memory: saved for backward and peak live bytes (MiB)",
+        ["kind", "unit / network", "order", "norm", "batch", "saved eager", "saved fused",
+         "fused vs eager", "peak eager", "peak fused", "fused vs eager"], rows,
+        "Saved: unique storages seen by saved_tensors_hooks in the training forward "
+        "(parameters left out). Targets: bn-conv-relu ≥ 30 % below eager, no order above "
+        "eager.")
 
 
 def render(data: Dict) -> str:
