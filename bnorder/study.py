@@ -67,7 +67,7 @@ PRESETS: Dict[str, Dict] = {
         seeds=[0, 1, 2, 3, 4], backends=["fused", "eager"], backend_seeds={"eager": [0]},
         data="cifar10",
         epochs=164, subset=None, test_subset=None, batch_size=128, lr=0.1, momentum=0.9,
-        weight_decay=1e-4, schedule="step",
+        weight_decay=1e-4, schedule="step", gradflow_batch=128,
         description=(
             "The CIFAR-10 training recipe of He et al. 2015 (Deep Residual Learning for Image "
             "Recognition, §4.2): SGD with batch 128, momentum 0.9, weight decay 1e-4, "
@@ -115,7 +115,7 @@ def grid(spec: Dict) -> List[Dict]:
                         schedule=spec["schedule"], seed=seed, data=spec["data"],
                         data_dir=spec.get("data_dir"), subset=spec["subset"],
                         test_subset=spec["test_subset"],
-                        gradflow_batch=spec.get("gradflow_batch", 64))
+                        gradflow_batch=spec.get("gradflow_batch", 32))
                     runs.append(dict(model=model, order=order, norm=norm,
                                      label=label(order, norm), backend=backend, seed=seed,
                                      config=config))

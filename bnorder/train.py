@@ -73,7 +73,7 @@ class TrainConfig:
     test_subset: Optional[int] = None    # evaluate on the first N test images
     compile: bool = False
     channels_last: bool = False
-    gradflow_batch: int = 64
+    gradflow_batch: int = 32
     model_options: Dict = field(default_factory=dict)
 
     @property
