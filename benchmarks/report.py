@@ -47,13 +47,13 @@ def _section(title: str, header: List[str], rows: List[List[str]], note: str) ->
 
 
 def _by(benches: List[Dict], suite: str, *keys: str) -> Dict[tuple, Dict[str, Dict]]:
-    """{(extra_info[k] for k in keys): {provider or 'none': extra_info}} of one suite."""
+    """{(extra_info[k] for k in keys): {variant: extra_info}} of one suite (the variant is
+    the provider, or for the networks' norm none `none` / `none-compile`)."""
     out: Dict[tuple, Dict[str, Dict]] = defaultdict(dict)
     for b in benches:
         e = b["extra_info"]
         if e.get("suite") == suite:
-            name = "none" if suite == "network" and e["norm"] == "none" else e["provider"]
-            out[tuple(e[k] for k in keys)][name] = e
+            out[tuple(e[k] for k in keys)][e.get("variant", e["provider"])] = e
     return out
 
 
@@ -83,7 +83,8 @@ def networks_table(benches: List[Dict]) -> List[str]:
         ["network", "order", "batch", "eager", "fused", "compile", "none", "fused vs eager",
          "fused vs compile", "BN tax eager", "BN tax fused", "BN tax compile", "fused GB/s",
          "compile s"], rows,
-        "BN tax = step / step of the same network with norm none − 1 (same interleaved run). "
+        "BN tax = step / step of the same network with norm none − 1 (same interleaved run; "
+        "compile against the compiled none network, timed with --wide only). "
         "Targets: fused BN tax ≤ 10 % on resnet20, ≤ 3 % on vgg16 and alexnet; fused "
         "resnet20 step ≥ 1.2× eager and ≥ 1.5× torch.compile.")
 

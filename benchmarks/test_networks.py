@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from benchmarks import cases, harness
 
 FMT = "nchw"
+# variants with norm none: the BN-tax reference of eager and fused; torch.compile's is the
+# compiled network with norm none, timed under --wide only (a compile costs 20-60 s)
+NONE = {"eager": "none", "compile": "none-compile"}
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class NetworkCase:
 
     @property
     def variant(self) -> str:
-        return "none" if self.norm == "none" else self.provider
+        return self.provider if self.norm != "none" else NONE[self.provider]
 
     @property
     def id(self) -> str:
@@ -37,23 +40,25 @@ class NetworkCase:
 
 
 def pytest_generate_tests(metafunc):
-    quick = metafunc.config.getoption("--quick")
+    quick, wide = metafunc.config.getoption("--quick"), metafunc.config.getoption("--wide")
     providers = ("eager", "fused") if quick else cases.PROVIDERS
     all_cases = []
     for net, order, batch in cases.network_configs(quick):
         all_cases += [NetworkCase(net, order, "bn", p, batch) for p in providers]
         # fused and eager run the same code with an empty slot: one `none` reference
-        all_cases.append(NetworkCase(net, order, "none", "eager", batch))
+        all_cases += [NetworkCase(net, order, "none", p, batch)
+                      for p in (("eager", "compile") if wide else ("eager",))]
     metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 
 
 def _build(case: NetworkCase):
     def build(variants):
         fns, compile_s = {}, {}
-        for variant in ("none", *cases.PROVIDERS):
+        for norm, provider in [*(("none", p) for p in NONE),
+                               *(("bn", p) for p in cases.PROVIDERS)]:
+            variant = NetworkCase(case.network, case.order, norm, provider, case.batch).variant
             if variant not in variants:
                 continue
-            norm, provider = ("none", "eager") if variant == "none" else ("bn", variant)
             fns[variant], seconds = cases.network_step(case.network, case.order, norm,
                                                        provider, case.batch, FMT)
             if seconds is not None:
@@ -68,9 +73,11 @@ def test_network_step(benchmark, case, interleaved, machine):
     moved, working_set = cases.network_bytes(case.network, case.order, case.norm,
                                              case.provider, case.batch)
     extra = dict(suite="network", network=case.network, order=case.order, norm=case.norm,
-                 provider=case.provider, batch=case.batch)
+                 provider=case.provider, variant=case.variant, batch=case.batch)
+    reference = NONE["compile"] if case.provider == "compile" else NONE["eager"]
     extra.update(harness.timing_info(timing, timings["eager"], moved, working_set, machine,
-                                     FMT, baseline=timings["none"]))
+                                     FMT, timings.get(reference) if case.norm == "bn"
+                                     else None))
     benchmark.group = f"network {case.network} {case.order}"
     harness.record(benchmark, timing, extra)
     assert timing.median > 0
