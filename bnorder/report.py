@@ -196,74 +196,75 @@ def _curves(res: Dict, folder: Path, x_key: Optional[str], name: str) -> str:
     return _save(fig, folder / name)
 
 
+def _panels(res: Dict, height: float = 3.6):
+    """One panel per network: (figure, [(axes, network, its report rows)])."""
+    import matplotlib.pyplot as plt
+    models = res["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), height),
+                             squeeze=False)
+    return fig, [(axes[0][j], m, [r for r in res["rows"] if r["model"] == m])
+                 for j, m in enumerate(models)]
+
+
+def _finish_panel(ax, names: List[str], title: str, ylabel: Optional[str] = None) -> None:
+    ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+    ax.set_title(title)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def _bars(res: Dict, folder: Path, name: str, key: str, ylabel: str,
           labels: List[str], percent: bool = False) -> str:
-    import matplotlib.pyplot as plt
-    models, backends = res["models"], res["backends"]
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
+    backends = res["backends"]
+    fig, panels = _panels(res)
     width = 0.8 / len(backends)
-    for j, model in enumerate(models):
-        ax = axes[0][j]
-        rows = {r["label"]: r for r in res["rows"] if r["model"] == model}
+    for ax, model, model_rows in panels:
+        rows = {r["label"]: r for r in model_rows}
         labs = [lab for lab in labels if lab in rows]
         for b, backend in enumerate(backends):
             vals = [rows[lab].get(f"{key}_{backend}") for lab in labs]
             vals = [np.nan if v is None else v * (100 if percent else 1) for v in vals]
             ax.bar(np.arange(len(labs)) + b * width - 0.4 + width / 2, vals, width,
                    label=backend)
-        ax.set_xticks(np.arange(len(labs)), labs, rotation=20, fontsize=8)
-        ax.set_title(model)
-        ax.set_ylabel(ylabel)
-        ax.grid(axis="y", alpha=0.3)
+        _finish_panel(ax, labs, model, ylabel)
         if percent:
             ax.axhline(0, color="k", lw=0.8)
-    axes[0][0].legend(fontsize=8)
+    panels[0][0].legend(fontsize=8)
     return _save(fig, folder / name)
 
 
 def _final(res: Dict, folder: Path) -> str:
-    import matplotlib.pyplot as plt
-    models, colors = res["models"], _colors(res["labels"])
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
-    for j, model in enumerate(models):
-        ax = axes[0][j]
-        rows = [r for r in res["rows"] if r["model"] == model]
+    colors = _colors(res["labels"])
+    fig, panels = _panels(res)
+    for ax, model, rows in panels:
         for i, r in enumerate(rows):
             ax.bar(i, r["acc_mean"], color=colors[r["label"]], alpha=0.6,
                    yerr=r["acc_std"] if math.isfinite(r["acc_std"]) else None, capsize=4)
             ax.scatter([i] * len(r["accs"]), r["accs"], color="k", s=10, zorder=3)
-        ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=20, fontsize=8)
-        ax.set_title(f"{model}: final test accuracy")
-        ax.grid(axis="y", alpha=0.3)
+        _finish_panel(ax, [r["label"] for r in rows], f"{model}: final test accuracy")
     return _save(fig, folder / "final_accuracy.png")
 
 
 def _time_to_acc(res: Dict, folder: Path) -> str:
-    import matplotlib.pyplot as plt
-    models, colors = res["models"], _colors(res["labels"])
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
-    for j, model in enumerate(models):
-        ax = axes[0][j]
-        rows = [r for r in res["rows"] if r["model"] == model]
+    colors = _colors(res["labels"])
+    fig, panels = _panels(res)
+    for ax, model, rows in panels:
         for i, r in enumerate(rows):
             if r["wall_to_target"] is None:
                 ax.text(i, 0, "not\nreached", ha="center", va="bottom", fontsize=7)
             else:
                 ax.bar(i, r["wall_to_target"], color=colors[r["label"]])
-        ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=20, fontsize=8)
         target = rows[0]["target"] if rows else float("nan")
-        ax.set_title(f"{model}: time to {target:.3f} acc")
-        ax.set_ylabel(f"wall s ({res['primary']})")
-        ax.grid(axis="y", alpha=0.3)
+        _finish_panel(ax, [r["label"] for r in rows], f"{model}: time to {target:.3f} acc",
+                      f"wall s ({res['primary']})")
     return _save(fig, folder / "time_to_accuracy.png")
 
 
 def _gradflow(res: Dict, folder: Path) -> str:
-    import matplotlib.pyplot as plt
-    models, colors = res["models"], _colors(res["labels"])
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
-    for j, model in enumerate(models):
-        ax = axes[0][j]
+    colors = _colors(res["labels"])
+    fig, panels = _panels(res, height=3.8)
+    for ax, model, _ in panels:
         for lab in res["labels"]:
             seeds = res["groups"].get((model, lab, res["primary"]))
             if not seeds:
@@ -278,7 +279,7 @@ def _gradflow(res: Dict, folder: Path) -> str:
         ax.set_ylabel("‖∂L/∂W_conv‖ on a fixed batch")
         ax.set_title(f"{model}: gradient flow")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6, ncol=2)
+    panels[0][0].legend(fontsize=6, ncol=2)
     return _save(fig, folder / "gradient_flow.png")
 
 

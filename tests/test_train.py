@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _config(**kw):
     base = dict(model="cnn", order="bn-conv-relu", norm="bn", fused=False, epochs=3,
-                batch_size=16, lr=0.05, data="synthetic", subset=64, test_subset=32)
+                batch_size=16, lr=0.05, data="synthetic", subset=48, test_subset=32)
     base.update(kw)
     return train.TrainConfig(**base)
 
@@ -60,7 +60,7 @@ def test_run_folder_contents(reference_run):
     assert (out / "done.json").exists()
 
 
-@pytest.mark.parametrize("stop, fused", [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("stop, fused", [(1, False), (2, True)])
 def test_resume_reproduces_uninterrupted_run(tmp_path, tmp_path_factory, synthetic,
                                              reference_run, stop, fused):
     ref_out, ref_rows = reference_run
@@ -89,7 +89,7 @@ def test_sigkill_then_resume(tmp_path, reference_run):
     cfg = _config()
     args = [sys.executable, "-m", "bnorder", "train", "--model", cfg.model, "--order",
             cfg.order, "--epochs", "3", "--batch-size", "16", "--lr", "0.05",
-            "--data", "synthetic", "--subset", "64", "--test-subset", "32", "--out", str(out),
+            "--data", "synthetic", "--subset", "48", "--test-subset", "32", "--out", str(out),
             "--no-progress", "--weight-decay", str(cfg.weight_decay)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
