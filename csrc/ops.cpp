@@ -9,6 +9,8 @@ TORCH_LIBRARY(bnorder_cpu, m) {
         "int relu_mode) -> (Tensor sum_g, Tensor sum_gt)");
   m.def("backward_apply(Tensor g, Tensor t, Tensor mean, Tensor scale, Tensor shift, "
         "Tensor k1, Tensor k2, Tensor k3, int relu_mode) -> Tensor");
+  m.def("add_map_relu(Tensor z, Tensor map, bool relu) -> Tensor");
+  m.def("relu_grad_batch_sum(Tensor grad, Tensor out) -> (Tensor grad_z, Tensor batch_sum)");
 }
 
 TORCH_LIBRARY_IMPL(bnorder_cpu, CPU, m) {
@@ -16,6 +18,8 @@ TORCH_LIBRARY_IMPL(bnorder_cpu, CPU, m) {
   m.impl("apply", &bnorder::apply);
   m.impl("backward_reduce", &bnorder::backward_reduce);
   m.impl("backward_apply", &bnorder::backward_apply);
+  m.impl("add_map_relu", &bnorder::add_map_relu);
+  m.impl("relu_grad_batch_sum", &bnorder::relu_grad_batch_sum);
 }
 
 // An importable Python module: `from fused import _C` loads the library and runs the

@@ -39,4 +39,9 @@ at::Tensor backward_apply(const at::Tensor& g, const at::Tensor& t, const at::Te
                           const at::Tensor& k1, const at::Tensor& k2, const at::Tensor& k3,
                           int64_t relu_mode);
 
+// bn-conv-relu's passes around its folded convolution (border.cpp).
+at::Tensor add_map_relu(const at::Tensor& z, const at::Tensor& map, bool apply_relu);
+
+std::tuple<at::Tensor, at::Tensor> relu_grad_batch_sum(const at::Tensor& g, const at::Tensor& out);
+
 }  // namespace bnorder

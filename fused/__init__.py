@@ -22,6 +22,8 @@ from .reference import NORMS, ORDERS
 __version__ = "0.1.0"
 
 _ext.warn_if_missing()
+if _ext.loaded:
+    from . import _cpp  # noqa: F401  (fake implementations of the C++ ops, for compile/opcheck)
 
 
 def backend(device: torch.device | str = "cpu") -> str:

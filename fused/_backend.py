@@ -18,7 +18,9 @@ BACKENDS = ("auto", "cpp", "triton", "reference")
 
 _reference = SimpleNamespace(name="reference", stats=reference.stats, apply=reference.apply,
                              backward_reduce=reference.backward_reduce,
-                             backward_apply=reference.backward_apply)
+                             backward_apply=reference.backward_apply,
+                             add_map_relu=reference.add_map_relu,
+                             relu_grad_batch_sum=reference.relu_grad_batch_sum)
 
 
 def requested() -> str:
@@ -54,6 +56,11 @@ def conv_impl(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
         return "aten"
     from .triton import conv as triton_conv
     return triton_conv.select(x, weight, groups)
+
+
+def primitives_reference():
+    """The plain-torch primitives, whatever the backend."""
+    return _reference
 
 
 def primitives(t: torch.Tensor):

@@ -33,6 +33,14 @@ def backward_apply(g: Tensor, t: Tensor, mean: Tensor, scale: Tensor, shift: Ten
     return _ops.backward_apply(g, t, mean, scale, shift, k1, k2, k3, relu_mode)
 
 
+def add_map_relu(z: Tensor, map: Tensor, relu: bool) -> Tensor:
+    return _ops.add_map_relu(z, map, relu)
+
+
+def relu_grad_batch_sum(g: Tensor, out: Tensor):
+    return _ops.relu_grad_batch_sum(g, out)
+
+
 if _ext.loaded:
     @torch.library.register_fake("bnorder_cpu::stats")
     def _(t, relu_mode):
@@ -51,3 +59,13 @@ if _ext.loaded:
     @torch.library.register_fake("bnorder_cpu::backward_apply")
     def _(g, t, mean, scale, shift, k1, k2, k3, relu_mode):
         return torch.empty_like(t)
+
+    @torch.library.register_fake("bnorder_cpu::add_map_relu")
+    def _(z, map, relu):
+        return torch.empty_like(z)
+
+    @torch.library.register_fake("bnorder_cpu::relu_grad_batch_sum")
+    def _(g, out):
+        return torch.empty_like(g), g.new_empty((1, *g.shape[1:])).contiguous(
+            memory_format=torch.channels_last if (g.dim() == 4 and not g.is_contiguous())
+            else torch.contiguous_format)

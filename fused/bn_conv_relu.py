@@ -58,6 +58,11 @@ def _folds(x: Tensor, mean: Tensor, rstd: Tensor) -> bool:
     return bool((mean.abs() * rstd).max() <= FOLD_MAX_MEAN_OVER_STD)
 
 
+def _border_ops(prims):
+    """The backend's add_map_relu / relu_grad_batch_sum, or the torch reference."""
+    return prims if hasattr(prims, "add_map_relu") else _backend.primitives_reference()
+
+
 def _shift_image(shift: Tensor, x: Tensor) -> Tensor:
     """B: b_c everywhere inside the borders of one image (padding stays zero), in x's
     memory format so that ATen picks the same (oneDNN) convolution as for x."""
@@ -88,13 +93,14 @@ def norm_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride:
     if _folds(x, mean_c, rstd):
         z = _conv.conv(x, _conv.scale_in_channels(weight, scale, groups), bias, stride,
                        padding, dilation, groups)
-        z += _conv.conv(_shift_image(shift, x), weight, None, stride, padding, dilation,
-                        groups)
+        border = _conv.conv(_shift_image(shift, x), weight, None, stride, padding, dilation,
+                            groups)
+        z = _border_ops(prims).add_map_relu(z, border.to(z.dtype), relu)  # one pass
     else:
         z = _conv.conv(prims.apply(x, scale, shift, RELU_NONE), weight, bias, stride, padding,
                        dilation, groups)
-    if relu:
-        z.relu_()
+        if relu:
+            z.relu_()
     if not batch_stats:
         empty = x.new_empty(0, dtype=_acc(x))
         mean, var = empty, empty.clone()
@@ -126,8 +132,14 @@ def norm_conv_backward(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor,
     scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
                                                     channels, x)
     prims = _backend.primitives(x)
-    g = torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad
     folds = _folds(x, mean_c, rstd)
+    g_batch_sum = None
+    if relu and folds and grad_mask[1]:
+        # The border map's weight gradient needs Σ_n g_z: taken in the ReLU-mask pass.
+        g, g_batch_sum = _border_ops(prims).relu_grad_batch_sum(
+            grad.contiguous(memory_format=_conv.memory_format_of(out)), out)
+    else:
+        g = torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad
     conv_input = x if folds else prims.apply(x, scale, shift, RELU_NONE)
     dnorm, dweight, dbias = _conv.conv_backward(g, conv_input, weight, stride, padding,
                                                 dilation, groups,
@@ -135,7 +147,9 @@ def norm_conv_backward(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor,
     dnorm = dnorm.contiguous(memory_format=_conv.memory_format_of(x))
     if folds and grad_mask[1]:
         shift_image = _shift_image(shift, x)
-        border = _conv.conv_backward(_conv.batch_sum(g), shift_image, weight, stride,
+        if g_batch_sum is None:
+            g_batch_sum = _conv.batch_sum(g)
+        border = _conv.conv_backward(g_batch_sum, shift_image, weight, stride,
                                      padding, dilation, groups, [False, True, False])[1]
         dweight = _conv.scale_in_channels(dweight, scale, groups) + border
     sum_g, sum_gtc = prims.backward_reduce(dnorm, x, mean_c, scale, shift, RELU_NONE)

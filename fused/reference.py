@@ -135,3 +135,17 @@ def backward_apply(g: Tensor, t: Tensor, mean: Tensor, scale: Tensor, shift: Ten
     if relu_mode == RELU_BEFORE:
         dt = torch.where(t > 0, dt, 0.0)
     return dt.to(t.dtype)
+
+
+# bn-conv-relu's two passes around its folded convolution (see fused/bn_conv_relu.py).
+
+def add_map_relu(z: Tensor, map: Tensor, relu: bool) -> Tensor:
+    """relu(z + map), map one image broadcast over the batch."""
+    out = z + map
+    return out.clamp_min(0) if relu else out
+
+
+def relu_grad_batch_sum(g: Tensor, out: Tensor):
+    """(g·[out > 0], its sum over the batch)."""
+    gz = torch.ops.aten.threshold_backward(g, out, 0)
+    return gz, gz.sum(0, keepdim=True)

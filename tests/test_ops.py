@@ -271,6 +271,34 @@ def test_opcheck_cpp_primitives():
         torch.library.opcheck(ops.apply, (t, v[0], v[1], mode))
         torch.library.opcheck(ops.backward_reduce, (g, t, v[0], v[1], v[2], mode))
         torch.library.opcheck(ops.backward_apply, (g, t, *v, mode))
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        z, out = (torch.randn(3, 4, 5, 5).contiguous(memory_format=fmt) for _ in range(2))
+        torch.library.opcheck(ops.add_map_relu, (z, torch.randn(1, 4, 5, 5), True))
+        torch.library.opcheck(ops.relu_grad_batch_sum, (z, out))
+
+
+@pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cpp_border_passes_match_reference(channels_last, dtype):
+    """bn-conv-relu's two extra C++ passes against their torch definitions."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    z = torch.randn(5, 6, 7, 9, dtype=dtype).contiguous(memory_format=fmt)
+    g = torch.randn_like(z)
+    image = torch.randn(1, 6, 7, 9, dtype=dtype)
+    ops = torch.ops.bnorder_cpu
+    for relu in (True, False):
+        torch.testing.assert_close(ops.add_map_relu(z, image, relu),
+                                   reference.add_map_relu(z, image, relu))
+    out = ops.add_map_relu(z, image, True)
+    gz, total = ops.relu_grad_batch_sum(g, out)
+    ref_gz, ref_total = reference.relu_grad_batch_sum(g, out)
+    torch.testing.assert_close(gz, ref_gz)
+    torch.testing.assert_close(total, ref_total, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert gz.is_contiguous(memory_format=fmt) and total.shape == (1, 6, 7, 9)
+    with pytest.raises(RuntimeError, match="map must have size"):
+        ops.add_map_relu(z, torch.randn(1, 6, 7, 8, dtype=dtype), True)
 
 
 def test_compile_fullgraph_stack_matches_eager():
