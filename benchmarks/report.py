@@ -53,7 +53,9 @@ def _by(benches: List[Dict], suite: str, *keys: str) -> Dict[tuple, Dict[str, Di
     for b in benches:
         e = b["extra_info"]
         if e.get("suite") == suite:
-            out[tuple(e[k] for k in keys)][e.get("variant", e["provider"])] = e
+            variant = e.get("variant") or ("none" if suite == "network" and e["norm"] == "none"
+                                           else e["provider"])
+            out[tuple(e[k] for k in keys)][variant] = e
     return out
 
 
