@@ -369,9 +369,9 @@ def _sections(spec: Dict, res: Dict, figures: Dict, n_runs: int, n_done: int) ->
                 "update; all steps of all epochs and seeds of a configuration). BN tax "
                 "(DESIGN §7) = step time with the norm / step time of the same network with "
                 "norm `none` on the same backend − 1. Runs execute one after another on a "
-                "shared 2-core machine, configurations of one network and seed back to back, "
-                "so the figures carry the machine's noise; benchmarks/ has the interleaved "
-                "measurements."),
+                "shared 2-core machine (the eager runs in a later tier than the fused ones), "
+                "so these figures carry the machine's load changes; benchmarks/ has the "
+                "interleaved measurements (DESIGN §7)."),
           ("table", ["model", "config", *(f"img/s {b}" for b in backends),
                      *(f"BN tax {b}" for b in backends),
                      *(["fused speed-up"] if both else [])], th),

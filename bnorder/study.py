@@ -2,7 +2,7 @@
 `bnorder train` run in its own folder, then the report (bnorder.report).
 
     OUT/study.json                               the resolved grid and hyper-parameters
-    OUT/runs/<model>/<label>/<backend>/seed<k>/  one run folder each (see bnorder.train)
+    OUT/runs/<model>/<label>/<backend>/seed<k>-<hash>/  one run folder each (bnorder.train)
     OUT/report.md, OUT/report.html, OUT/figures/*.png
 
 Finished runs (done.json with the same configuration) are skipped and unfinished ones
@@ -13,6 +13,7 @@ are the same network, so `none` is trained once per network, in the conv-bn-relu
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -35,28 +36,29 @@ ORDERS = list(fused.ORDERS)
 
 PRESETS: Dict[str, Dict] = {
     # Sized for `make run` (≤ 15 minutes on the shared 2-core CPU machine, set-up included):
-    # 3 networks × 4 configurations × (2 fused seeds + 1 eager seed) = 36 short runs. It
-    # answers "does each placement train, how fast does it start, at what cost per step" —
-    # not which placement wins after full training.
+    # 3 networks × 4 configurations × (2 fused seeds + 1 eager seed) = 36 short runs, under a
+    # time budget. It answers "does each placement train, how fast does it start, at what
+    # cost per step" — not which placement wins after full training.
     "quick": dict(
         models=["alexnet", "vgg16", "resnet20"], orders=ORDERS, norms=["bn", "none"],
         seeds=[0, 1], backends=["eager", "fused"], backend_seeds={"eager": [0]},
-        data="fashion-mnist", epochs=3, subset=128, test_subset=300, batch_size=16, lr=0.02,
+        data="fashion-mnist", epochs=3, subset=96, test_subset=200, batch_size=16, lr=0.02,
         momentum=0.9, weight_decay=5e-4, schedule="cosine", gradflow_batch=32,
         budget_s=660,
         description=(
             "A time-boxed smoke study for `make run` (≤ 15 minutes on 2 shared CPU cores, "
-            "set-up included): each run trains 3 epochs on the first 128 Fashion-MNIST "
-            "training images (24 SGD steps of 16 images, cosine learning rate from 0.02, "
-            "momentum 0.9, weight decay 5e-4, random-crop augmentation) and is evaluated on "
-            "the first 300 test images after every epoch. The fused backend runs seeds 0 "
-            "and 1 (the convergence statistics); the eager backend runs seed 0 only (its "
-            "throughput, and a check that it reproduces the fused run). Accuracies are far "
-            "below converged values: differences between orders at this budget say how "
-            "fast each placement starts to learn, not where it ends; use --preset paper "
-            "or larger --epochs/--subset for that. A time budget of 11 minutes for the "
-            "training runs guards the 15-minute limit on a busy machine: runs not started "
-            "by then are listed as missing (rerun the command to finish them).")),
+            "set-up included): every run trains a few epochs on a small slice of "
+            "Fashion-MNIST and is evaluated on a slice of the test set after every epoch "
+            "(the exact sizes are in the hyper-parameter line below). The fused backend "
+            "runs two seeds (the convergence statistics); the eager backend runs one (its "
+            "throughput, the BN tax of eager PyTorch, and a check against the fused run). "
+            "Runs are ordered fused seed 0 for every network first, then eager seed 0, then "
+            "the second fused seed, and no run starts after the time budget, so on a busy "
+            "machine the later tiers are listed as not started (rerun `make run` to "
+            "finish them; finished runs are skipped). Accuracies are far below converged "
+            "values: differences between orders at this budget say how fast each placement "
+            "starts to learn, not where it ends; use --preset paper or larger "
+            "--epochs/--subset for that.")),
     # He et al. 2015 ("Deep Residual Learning for Image Recognition", §4.2, CIFAR-10):
     # SGD, batch 128, momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 32k and 48k
     # iterations, stopped at 64k; augmentation 4-pixel zero padding + random 32×32 crop +
@@ -101,30 +103,38 @@ def grid(spec: Dict) -> List[Dict]:
     all_seeds = sorted({s for b in spec["backends"] for s in seeds_for(b)})
     configs = [(order, norm) for norm in spec["norms"]
                for order in (spec["orders"] if norm != "none" else ["conv-bn-relu"])]
+    primary = "fused" if "fused" in spec["backends"] else spec["backends"][0]
+    # tiers: (seed, primary backend first); inside a tier every network and configuration.
+    # If a time budget stops the study early, what is missing is a later tier, never a
+    # whole network.
+    tiers = [(seed, backend) for seed in all_seeds
+             for backend in sorted(spec["backends"], key=lambda b: b != primary)
+             if seed in seeds_for(backend)]
     runs = []
-    # seed-major: if a time budget stops the study early, what is missing is later seeds,
-    # not whole networks
-    for seed in all_seeds:
+    for seed, backend in tiers:
         for model in spec["models"]:
             for order, norm in configs:
-                for backend in (b for b in spec["backends"] if seed in seeds_for(b)):
-                    config = TrainConfig(
-                        model=model, order=order, norm=norm, fused=backend == "fused",
-                        epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
-                        momentum=spec["momentum"], weight_decay=spec["weight_decay"],
-                        schedule=spec["schedule"], seed=seed, data=spec["data"],
-                        data_dir=spec.get("data_dir"), subset=spec["subset"],
-                        test_subset=spec["test_subset"],
-                        gradflow_batch=spec.get("gradflow_batch", 32))
-                    runs.append(dict(model=model, order=order, norm=norm,
-                                     label=label(order, norm), backend=backend, seed=seed,
-                                     config=config))
+                config = TrainConfig(
+                    model=model, order=order, norm=norm, fused=backend == "fused",
+                    epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
+                    momentum=spec["momentum"], weight_decay=spec["weight_decay"],
+                    schedule=spec["schedule"], seed=seed, data=spec["data"],
+                    data_dir=spec.get("data_dir"), subset=spec["subset"],
+                    test_subset=spec["test_subset"],
+                    gradflow_batch=spec.get("gradflow_batch", 32))
+                runs.append(dict(model=model, order=order, norm=norm,
+                                 label=label(order, norm), backend=backend, seed=seed,
+                                 config=config))
     return runs
 
 
 def run_dir(out: Path, run: Dict) -> Path:
+    """OUT/runs/<model>/<label>/<backend>/seed<k>-<hash of the training configuration>: a
+    study rerun with other hyper-parameters into the same folder trains new runs beside the
+    old ones instead of resuming runs of another configuration."""
+    key = hashlib.sha1(json.dumps(run["config"].to_json(), sort_keys=True).encode())
     return Path(out) / "runs" / run["model"] / slug(run["label"]) / run["backend"] / \
-        f"seed{run['seed']}"
+        f"seed{run['seed']}-{key.hexdigest()[:8]}"
 
 
 def resolve(args) -> Dict:
@@ -176,7 +186,7 @@ def run_study(spec: Dict, out: Path, progress: bool = True) -> Dict:
             break
         t_run = time.perf_counter()
         rows = train(r["config"], run_dir(out, r), resume=True, dataset=dataset,
-                     progress=progress)
+                     progress=progress, verbose=False)
         acc = rows[-1]["test_acc"] if rows else float("nan")
         print(f"[{i}/{len(todo)}] {r['model']:<9} {r['label']:<13} {r['backend']:<5} "
               f"seed {r['seed']}: test_acc {acc:.4f}  {time.perf_counter() - t_run:5.1f} s  "

@@ -278,9 +278,11 @@ def _check_resumable(out: Path, config: TrainConfig) -> None:
 
 def train(config: TrainConfig, out: str | Path, resume: bool = False,
           dataset: Optional[data_mod.Dataset] = None, progress: bool = True,
-          stop_after: Optional[int] = None) -> List[Dict]:
+          stop_after: Optional[int] = None, verbose: Optional[bool] = None) -> List[Dict]:
     """Train (or resume) the run in folder `out`; returns the metric rows of every epoch.
-    `stop_after` ends the process's work after that epoch (tests simulate a kill with it)."""
+    `stop_after` ends the process's work after that epoch (tests simulate a kill with it);
+    `verbose` (default: `progress`) prints one line per epoch."""
+    verbose = progress if verbose is None else verbose
     config.validate()
     out = Path(out)
     ckpts = checkpoint_paths(out)
@@ -372,7 +374,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
                               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "rng": rng_state(generator),
                               "history": history, "gradflow": gradflow})
-        if progress:
+        if verbose:
             print(f"epoch {epoch}/{config.epochs}  train_loss {row['train_loss']}  "
                   f"test_loss {row['test_loss']}  test_acc {test_acc:.4f}  "
                   f"{row['images_per_s']:.0f} img/s", flush=True)
