@@ -321,16 +321,19 @@ def network_configs(quick: bool = False) -> List[tuple]:
     return [(net, order, BATCH) for net in NETWORKS for order in fused.ORDERS]
 
 
-def _memory(module: nn.Module, forward: Callable[[], object], step: Callable[[], object]
-            ) -> Dict:
-    step()   # lazily created state (optimizer buffers, workspaces) is not the step's peak
+def _memory(module: nn.Module, forward: Callable[[], object], step: Callable[[], object],
+            peak: bool) -> Dict:
     exclude = [*module.parameters(), *module.buffers()]
     saved, tensors = saved_bytes(forward, exclude)
-    return dict(saved_bytes=saved, saved_tensors=tensors, peak_bytes=peak_bytes(step))
+    out = dict(saved_bytes=saved, saved_tensors=tensors)
+    if peak:
+        step()   # lazily created state (optimizer buffers, workspaces) is not the step's peak
+        out["peak_bytes"] = peak_bytes(step)
+    return out
 
 
 def unit_memory(shape: UnitShape, order: str, norm: str, provider: str, batch: int = BATCH,
-                fmt_name: str = "nchw") -> Dict:
+                fmt_name: str = "nchw", peak: bool = True) -> Dict:
     """Saved-for-backward bytes of the unit's training forward (parameters and buffers left
     out, the input counted) and peak live bytes of forward + backward."""
     fmt = FORMATS[fmt_name]
@@ -339,11 +342,11 @@ def unit_memory(shape: UnitShape, order: str, norm: str, provider: str, batch: i
     torch.manual_seed(1)
     x = torch.randn(batch, shape.cin, shape.size, shape.size)
     x = x.contiguous(memory_format=fmt).requires_grad_()
-    return _memory(module, lambda: module(x), make_step(module, x, "fwdbwd"))
+    return _memory(module, lambda: module(x), make_step(module, x, "fwdbwd"), peak)
 
 
-def network_memory(name: str, order: str, norm: str, provider: str, batch: int = BATCH
-                   ) -> Dict:
+def network_memory(name: str, order: str, norm: str, provider: str, batch: int = BATCH,
+                   peak: bool = True) -> Dict:
     """Saved bytes of the network's forward and loss, peak live bytes of a training step."""
     model = build_network(name, order, norm, provider)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
@@ -357,4 +360,4 @@ def network_memory(name: str, order: str, norm: str, provider: str, batch: int =
         forward().backward()
         opt.step()
 
-    return _memory(model, forward, step)
+    return _memory(model, forward, step, peak)
