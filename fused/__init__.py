@@ -18,6 +18,7 @@ from .convert import convert
 from .modules import (Affine2d, BNConvReLU2d, ConvBNReLU2d, ConvReLUBN2d, FusedUnit, Unit,
                       make_norm, make_unit, norm_name)
 from .reference import NORMS, ORDERS
+from .sync import SyncBatchNorm2d, convert_sync_bn  # noqa: F401  (data-parallel training)
 
 __version__ = "0.1.0"
 

@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _backend, _conv, _norm
+from . import _backend, _conv, _norm, sync as _sync
 from .reference import RELU_AFTER, RELU_BEFORE
 
 
@@ -49,11 +49,14 @@ def conv_norm_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride:
                       padding: List[int], dilation: List[int], groups: int,
                       gamma: Optional[Tensor], beta: Optional[Tensor],
                       mean_in: Optional[Tensor], var_in: Optional[Tensor], eps: float,
-                      norm: str, relu_mode: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out, y, batch mean, batch var); y, mean, var are empty where not used."""
+                      norm: str, relu_mode: int, sync: int = -1
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, y, batch mean, batch var); y, mean, var are empty where not used.
+    sync: a fused.sync key; batch statistics are then those of the whole group."""
     channels = weight.shape[0]
     batch_stats = norm != "affine" and mean_in is None
-    if _backend.conv_impl(x, weight, groups) == "triton":
+    # Synchronized statistics run on the ATen convolution (the Triton one has no hook yet).
+    if sync < 0 and _backend.conv_impl(x, weight, groups) == "triton":
         from .triton import ops as triton_ops
         return triton_ops.conv_norm_forward(x, weight, bias, stride, padding, dilation, gamma,
                                             beta, mean_in, var_in, eps, norm, relu_mode,
@@ -72,6 +75,8 @@ def conv_norm_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride:
     prims = _backend.primitives(y)
     if batch_stats:
         mean, var = prims.stats(y, relu_mode)
+        if sync >= 0:
+            mean, var = _sync.merge_stats(sync, mean, var, y.numel() // channels)
     else:
         mean, var = mean_in, var_in
     scale, shift, _, _ = _norm.coefficients(norm, mean, var, gamma, beta, eps, channels, x)
@@ -83,7 +88,7 @@ def conv_norm_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride:
 
 @conv_norm_forward.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
-      norm, relu_mode):
+      norm, relu_mode, sync=-1):
     batch_stats = norm != "affine" and mean_in is None
     y = _conv.conv(x, weight, bias, stride, padding, dilation, groups)
     stat = x.new_empty(weight.shape[0] if batch_stats else 0, dtype=_acc(x))
@@ -97,10 +102,10 @@ def conv_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
                        y: Tensor, out: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
                        gamma: Optional[Tensor], beta: Optional[Tensor], stride: List[int],
                        padding: List[int], dilation: List[int], groups: int, eps: float,
-                       norm: str, relu_mode: int, batch_stats: bool, grad_mask: List[bool]
-                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       norm: str, relu_mode: int, batch_stats: bool, grad_mask: List[bool],
+                       sync: int = -1) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dgamma, dbeta); empty tensors for gradients not asked for."""
-    if _backend.conv_impl(x, weight, groups) == "triton":
+    if sync < 0 and _backend.conv_impl(x, weight, groups) == "triton":
         from .triton import ops as triton_ops
         return triton_ops.conv_norm_backward(grad, x, weight, bias, y, out, mean, var, gamma,
                                              beta, stride, padding, dilation, eps, norm,
@@ -129,8 +134,12 @@ def conv_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
         grad = grad.contiguous(memory_format=_conv.memory_format_of(y))
         sum_g, sum_gtc = prims.backward_reduce(grad, y, mean_c, scale, shift, relu_mode)
         count = y.numel() // channels
-        k1, k2, k3, dgamma, dbeta = _norm.backward_coefficients(sum_g, sum_gtc, scale, rstd,
-                                                                count, batch_stats)
+        if sync >= 0 and batch_stats:
+            k1, k2, k3, dgamma, dbeta = _sync.backward_coefficients(sync, sum_g, sum_gtc,
+                                                                    scale, rstd, count)
+        else:
+            k1, k2, k3, dgamma, dbeta = _norm.backward_coefficients(sum_g, sum_gtc, scale,
+                                                                    rstd, count, batch_stats)
         dy = prims.backward_apply(grad, y, mean_c, scale, shift, k1, k2, k3, relu_mode)
         dx, dweight, dbias = _conv.conv_backward(dy, x, weight, stride, padding, dilation,
                                                  groups, conv_mask)
@@ -141,7 +150,7 @@ def conv_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
 
 @conv_norm_backward.register_fake
 def _(grad, x, weight, bias, y, out, mean, var, gamma, beta, stride, padding, dilation, groups,
-      eps, norm, relu_mode, batch_stats, grad_mask):
+      eps, norm, relu_mode, batch_stats, grad_mask, sync=-1):
     stat = x.new_empty(weight.shape[0], dtype=_acc(x))
     e = x.new_empty(0)
     return (torch.empty_like(x) if grad_mask[0] else e,
@@ -151,7 +160,7 @@ def _(grad, x, weight, bias, y, out, mean, var, gamma, beta, stride, padding, di
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
-     norm, relu_mode) = inputs
+     norm, relu_mode, sync) = inputs
     out, y, mean, var = output
     batch_stats = norm != "affine" and mean_in is None
     if not batch_stats:
@@ -160,33 +169,34 @@ def _setup_context(ctx, inputs, output):
     # Outputs other than `out` (y, statistics) get no gradient: do not materialize zeros.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, y, out if folded else None, mean, var, gamma, beta)
-    ctx.args = (stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats)
+    ctx.args = (stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, sync)
 
 
 def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
     if grad_out is None:  # only the statistics were used downstream
-        return (None,) * 14
+        return (None,) * 15
     x, weight, bias, y, out, mean, var, gamma, beta = ctx.saved_tensors
-    stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats = ctx.args
+    stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, sync = ctx.args
     needs = ctx.needs_input_grad
     grad_mask = [needs[0], needs[1], bias is not None and needs[2]]
     e = x.new_empty(0)
     dx, dweight, dbias, dgamma, dbeta = conv_norm_backward(
         grad_out, x, weight, bias, y, e if out is None else out, mean, var, gamma, beta,
-        stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, grad_mask)
+        stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, grad_mask, sync)
     dgamma = dgamma.to(gamma.dtype) if gamma is not None and needs[7] else None
     dbeta = dbeta.to(beta.dtype) if beta is not None and needs[8] else None
     return (dx if grad_mask[0] else None, dweight if grad_mask[1] else None,
             dbias if grad_mask[2] else None, None, None, None, None, dgamma, dbeta,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 conv_norm_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def forward(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in,
-            eps, norm, relu_mode):
-    """The order-specific step of `_unit.run`: (out, batch mean, batch var, count)."""
+            eps, norm, relu_mode, sync=-1):
+    """The order-specific step of `_unit.run`: (out, batch mean, batch var, local count)."""
     out, _y, mean, var = conv_norm_forward(x, weight, bias, stride, padding, dilation, groups,
-                                           gamma, beta, mean_in, var_in, eps, norm, relu_mode)
+                                           gamma, beta, mean_in, var_in, eps, norm, relu_mode,
+                                           sync)
     return out, mean, var, out.numel() // out.shape[1]

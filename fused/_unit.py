@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _conv, _norm
+from . import _conv, _norm, sync as _sync
 from .reference import RELU_AFTER, RELU_BEFORE, RELU_NONE
 
 
@@ -17,7 +17,8 @@ def run(op_name: str, order: str, fused_forward: Callable, input: Tensor, weight
         bias: Optional[Tensor], stride, padding, dilation, groups: int,
         running_mean: Optional[Tensor], running_var: Optional[Tensor],
         norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], training: bool,
-        momentum: Optional[float], eps: float, norm: str, relu: bool) -> Tensor:
+        momentum: Optional[float], eps: float, norm: str, relu: bool,
+        sync: int = _sync.NO_SYNC) -> Tensor:
     stride = _conv.pair(stride, "stride")
     padding = _conv.pair(padding, "padding")
     dilation = _conv.pair(dilation, "dilation")
@@ -37,12 +38,15 @@ def run(op_name: str, order: str, fused_forward: Callable, input: Tensor, weight
         raise ValueError(f"{op_name}: momentum=None (cumulative average) is handled by the "
                          f"modules through num_batches_tracked; pass the averaging factor")
     stats_in = (None, None) if batch_stats or norm == "affine" else (running_mean, running_var)
+    sync = sync if batch_stats else _sync.NO_SYNC
     relu_mode = (RELU_NONE if not relu else RELU_BEFORE if order == "conv-relu-bn"
                  else RELU_AFTER)
     out, mean, var, count = fused_forward(input, weight, bias, stride, padding, dilation,
                                           groups, norm_weight, norm_bias, *stats_in, eps,
-                                          norm, relu_mode)
+                                          norm, relu_mode, sync)
     if batch_stats and training:
+        if sync != _sync.NO_SYNC:
+            count = _sync.merged_count(sync)
         _norm.update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return out
 
@@ -56,13 +60,14 @@ def functional(order: str, fused_forward: Callable, formula: str) -> Callable:
              running_var: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
              norm_bias: Optional[Tensor] = None, training: bool = False,
              momentum: Optional[float] = 0.1, eps: float = 1e-5, norm: str = "bn",
-             relu: bool = True) -> Tensor:
+             relu: bool = True, sync: int = _sync.NO_SYNC) -> Tensor:
         return run(op_name, order, fused_forward, input, weight, bias, stride, padding,
                    dilation, groups, running_mean, running_var, norm_weight, norm_bias,
-                   training, momentum, eps, norm, relu)
+                   training, momentum, eps, norm, relu, sync)
 
     unit.__name__ = unit.__qualname__ = op_name
     unit.__doc__ = (f"{formula}: F.conv2d's arguments, then F.batch_norm's, then the norm "
                     f"variant ('bn', 'bn-minus', 'affine', 'none') and whether the ReLU is "
-                    f"applied (relu=False drops it, e.g. before a residual addition).")
+                    f"applied (relu=False drops it, e.g. before a residual addition); sync, a "
+                    f"fused.sync.register(group) key, synchronizes batch statistics.")
     return unit

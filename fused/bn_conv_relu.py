@@ -40,7 +40,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _backend, _conv, _norm, _unit
+from . import _backend, _conv, _norm, _unit, sync as _sync
 from .reference import RELU_NONE
 
 
@@ -75,9 +75,11 @@ def norm_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride:
                       padding: List[int], dilation: List[int], groups: int,
                       gamma: Optional[Tensor], beta: Optional[Tensor],
                       mean_in: Optional[Tensor], var_in: Optional[Tensor], eps: float,
-                      norm: str, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (out, batch mean, batch var); mean and var are empty where not computed."""
-    if _backend.conv_impl(x, weight, groups) == "triton":
+                      norm: str, relu: bool, sync: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, batch mean, batch var); mean and var are empty where not computed.
+    sync: a fused.sync key; batch statistics are then those of the whole group."""
+    # Synchronized statistics run on the ATen convolution (the Triton one has no hook yet).
+    if sync < 0 and _backend.conv_impl(x, weight, groups) == "triton":
         from .triton import ops as triton_ops
         return triton_ops.norm_conv_forward(x, weight, bias, stride, padding, dilation, gamma,
                                             beta, mean_in, var_in, eps, norm, relu)
@@ -86,6 +88,8 @@ def norm_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride:
     prims = _backend.primitives(x)
     if batch_stats:
         mean, var = prims.stats(x, RELU_NONE)
+        if sync >= 0:
+            mean, var = _sync.merge_stats(sync, mean, var, x.numel() // channels)
     else:
         mean, var = mean_in, var_in
     scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
@@ -109,7 +113,7 @@ def norm_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride:
 
 @norm_conv_forward.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
-      norm, relu):
+      norm, relu, sync=-1):
     batch_stats = norm != "affine" and mean_in is None
     stat = x.new_empty(x.shape[1] if batch_stats else 0, dtype=_acc(x))
     return _conv.conv(x, weight, bias, stride, padding, dilation, groups), stat, stat.clone()
@@ -120,10 +124,10 @@ def norm_conv_backward(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor,
                        mean: Optional[Tensor], var: Optional[Tensor], gamma: Optional[Tensor],
                        beta: Optional[Tensor], stride: List[int], padding: List[int],
                        dilation: List[int], groups: int, eps: float, norm: str, relu: bool,
-                       batch_stats: bool, grad_mask: List[bool]
+                       batch_stats: bool, grad_mask: List[bool], sync: int = -1
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dgamma, dbeta); empty tensors for gradients not asked for."""
-    if _backend.conv_impl(x, weight, groups) == "triton":
+    if sync < 0 and _backend.conv_impl(x, weight, groups) == "triton":
         from .triton import ops as triton_ops
         return triton_ops.norm_conv_backward(grad, x, out, weight, mean, var, gamma, beta,
                                              stride, padding, dilation, eps, norm, relu,
@@ -153,8 +157,12 @@ def norm_conv_backward(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor,
                                      padding, dilation, groups, [False, True, False])[1]
         dweight = _conv.scale_in_channels(dweight, scale, groups) + border
     sum_g, sum_gtc = prims.backward_reduce(dnorm, x, mean_c, scale, shift, RELU_NONE)
-    k1, k2, k3, dgamma, dbeta = _norm.backward_coefficients(sum_g, sum_gtc, scale, rstd,
-                                                            x.numel() // channels, batch_stats)
+    if sync >= 0 and batch_stats:
+        k1, k2, k3, dgamma, dbeta = _sync.backward_coefficients(sync, sum_g, sum_gtc, scale,
+                                                                rstd, x.numel() // channels)
+    else:
+        k1, k2, k3, dgamma, dbeta = _norm.backward_coefficients(
+            sum_g, sum_gtc, scale, rstd, x.numel() // channels, batch_stats)
     dx = (prims.backward_apply(dnorm, x, mean_c, scale, shift, k1, k2, k3, RELU_NONE)
           if grad_mask[0] else None)
     e = x.new_empty(0)
@@ -164,7 +172,7 @@ def norm_conv_backward(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor,
 
 @norm_conv_backward.register_fake
 def _(grad, x, out, weight, mean, var, gamma, beta, stride, padding, dilation, groups, eps,
-      norm, relu, batch_stats, grad_mask):
+      norm, relu, batch_stats, grad_mask, sync=-1):
     stat = x.new_empty(x.shape[1], dtype=_acc(x))
     e = x.new_empty(0)
     return (torch.empty_like(x) if grad_mask[0] else e,
@@ -174,7 +182,7 @@ def _(grad, x, out, weight, mean, var, gamma, beta, stride, padding, dilation, g
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
-     norm, relu) = inputs
+     norm, relu, sync) = inputs
     out, mean, var = output
     batch_stats = norm != "affine" and mean_in is None
     if not batch_stats:
@@ -183,34 +191,34 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, out if relu else None, weight, mean, var, gamma, beta)
     ctx.args = (stride, padding, dilation, groups, eps, norm, relu, batch_stats,
-                bias is not None)
+                bias is not None, sync)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
     if grad_out is None:  # only the statistics were used downstream
-        return (None,) * 14
+        return (None,) * 15
     x, out, weight, mean, var, gamma, beta = ctx.saved_tensors
-    stride, padding, dilation, groups, eps, norm, relu, batch_stats, has_bias = ctx.args
+    stride, padding, dilation, groups, eps, norm, relu, batch_stats, has_bias, sync = ctx.args
     needs = ctx.needs_input_grad
     grad_mask = [needs[0], needs[1], has_bias and needs[2]]
     dx, dweight, dbias, dgamma, dbeta = norm_conv_backward(
         grad_out, x, x.new_empty(0) if out is None else out, weight, mean, var, gamma, beta,
-        stride, padding, dilation, groups, eps, norm, relu, batch_stats, grad_mask)
+        stride, padding, dilation, groups, eps, norm, relu, batch_stats, grad_mask, sync)
     dgamma = dgamma.to(gamma.dtype) if gamma is not None and needs[7] else None
     dbeta = dbeta.to(beta.dtype) if beta is not None and needs[8] else None
     return (dx if grad_mask[0] else None, dweight if grad_mask[1] else None,
             dbias if grad_mask[2] else None, None, None, None, None, dgamma, dbeta,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 norm_conv_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _forward(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in,
-             eps, norm, relu_mode):
+             eps, norm, relu_mode, sync=-1):
     out, mean, var = norm_conv_forward(x, weight, bias, stride, padding, dilation, groups,
                                        gamma, beta, mean_in, var_in, eps, norm,
-                                       relu_mode != RELU_NONE)
+                                       relu_mode != RELU_NONE, sync)
     return out, mean, var, x.numel() // x.shape[1]
 
 

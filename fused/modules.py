@@ -138,6 +138,8 @@ _FUNCTIONALS = {"conv-bn-relu": conv_bn_relu, "conv-relu-bn": conv_relu_bn,
 class FusedUnit(_UnitBase):
     """A unit computed by this package's fused ops (C++ on CPU, Triton on CUDA)."""
 
+    sync_key = -1  # a fused.sync key: training statistics over a process group (convert_sync_bn)
+
     def __init__(self, order: str, *args, **kwargs):
         self.order = order
         super().__init__(*args, **kwargs)
@@ -151,7 +153,7 @@ class FusedUnit(_UnitBase):
         return _FUNCTIONALS[self.order](
             x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
             training=self.training, momentum=momentum, norm=self.norm_kind, relu=self.relu,
-            **self._norm_args())
+            sync=self.sync_key if self.training else -1, **self._norm_args())
 
 
 class ConvBNReLU2d(FusedUnit):
