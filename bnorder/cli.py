@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--channels-last", action="store_true")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--ddp", action="store_true",
+                   help="data-parallel under torchrun: --batch-size is the global batch, "
+                        "split over the ranks (see bnorder.distributed)")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="with --ddp: batch statistics over the global batch (SyncBatchNorm)")
 
     s = sub.add_parser("study", help="run a grid of trainings and write the report")
     s.add_argument("--preset", choices=tuple(study.PRESETS), default="quick")
@@ -131,7 +136,17 @@ def _train(args) -> int:
         weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
         data=args.data or "fashion-mnist", data_dir=args.data_dir, subset=args.subset,
         test_subset=args.test_subset, compile=args.compile, channels_last=args.channels_last)
-    rows = train.train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    from . import distributed
+    if args.sync_bn and not args.ddp:
+        raise train.TrainError("--sync-bn needs --ddp (and torchrun)")
+    ctx = distributed.init(args.sync_bn) if args.ddp else distributed.LOCAL
+    try:
+        rows = train.train(config, args.out, resume=args.resume, progress=not args.no_progress,
+                           ddp=ctx)
+    finally:
+        ctx.close()
+    if not ctx.is_main:
+        return 0
     last = rows[-1] if rows else {}
     print(f"{args.out}: {len(rows)} epochs, test_acc {last.get('test_acc')}, "
           f"metrics in {args.out}/metrics.jsonl")

@@ -39,6 +39,7 @@ import fused
 import models
 
 from . import data as data_mod
+from . import distributed
 
 WALL_CLOCK_FIELDS = ("wall_s", "epoch_s", "train_s", "eval_s", "images_per_s", "step_s_median")
 SCHEDULES = ("cosine", "step")
@@ -278,11 +279,15 @@ def _check_resumable(out: Path, config: TrainConfig) -> None:
 
 def train(config: TrainConfig, out: str | Path, resume: bool = False,
           dataset: Optional[data_mod.Dataset] = None, progress: bool = True,
-          stop_after: Optional[int] = None, verbose: Optional[bool] = None) -> List[Dict]:
+          stop_after: Optional[int] = None, verbose: Optional[bool] = None,
+          ddp: Optional[distributed.Context] = None) -> List[Dict]:
     """Train (or resume) the run in folder `out`; returns the metric rows of every epoch.
     `stop_after` ends the process's work after that epoch (tests simulate a kill with it);
-    `verbose` (default: `progress`) prints one line per epoch."""
-    verbose = progress if verbose is None else verbose
+    `verbose` (default: `progress`) prints one line per epoch. `ddp`: this process's rank
+    in a data-parallel run (bnorder.distributed); rank 0 alone writes `out`."""
+    ctx = ddp or distributed.LOCAL
+    verbose = (progress if verbose is None else verbose) and ctx.is_main
+    progress = progress and ctx.is_main
     config.validate()
     out = Path(out)
     ckpts = checkpoint_paths(out)
@@ -291,6 +296,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
                          "pass --resume to continue it or choose another --out")
     if resume and (out / "config.json").exists():
         _check_resumable(out, config)
+    ctx.record(out, resume)
     dataset = prepare_data(config, dataset)
 
     torch.manual_seed(config.seed)
@@ -312,20 +318,23 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
     history: List[Dict] = []
     gradflow: Dict = {}
     start = 0
-    if resume and ckpts:
-        state = load_checkpoint(ckpts[-1])
+    state = ctx.on_main(lambda: load_checkpoint(ckpts[-1]) if resume and ckpts else None)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], generator)
         history, gradflow, start = state["history"], state["gradflow"], state["epoch"]
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", config.to_json())
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / "config.json", config.to_json())
         gradflow = {"init": gradient_flow(model, gx, gy)}
-    write_jsonl(out / "metrics.jsonl", history)
+    if ctx.is_main:
+        write_jsonl(out / "metrics.jsonl", history)
 
-    step_model = torch.compile(model) if config.compile else model
+    train_model = ctx.wrap(model)  # DistributedDataParallel under --ddp
+    step_model = torch.compile(train_model) if config.compile else train_model
     wall = history[-1]["wall_s"] if history else 0.0
     from tqdm import tqdm
     for epoch in range(start + 1, config.epochs + 1):
@@ -338,24 +347,28 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
                         f"s{config.seed} epoch {epoch}/{config.epochs}")
         for x, y in data_mod.train_batches(dataset, config.batch_size, generator,
                                            config.channels_last):
+            batch = len(y)
+            x, y = ctx.shard(x, y)  # this rank's slice of the global batch
             t_step = time.perf_counter()
             logits = step_model(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            ctx.backward(loss, len(y), batch)
             optimizer.step()
             scheduler.step()
             step_times.append(time.perf_counter() - t_step)
             total_loss += float(loss.detach()) * len(y)
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(y)
-            bar.update(len(y))
+            bar.update(batch)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
         bar.close()
+        total_loss, correct, seen = ctx.sum(total_loss, correct, seen)
         train_s = time.perf_counter() - t_epoch
         t_eval = time.perf_counter()
-        test_loss, test_acc = evaluate(step_model, dataset, max(config.batch_size, 256),
-                                       config.channels_last)
+        test_loss, test_acc = ctx.on_main(evaluate, model if ctx.active else step_model,
+                                          dataset, max(config.batch_size, 256),
+                                          config.channels_last)
         eval_s = time.perf_counter() - t_eval
         epoch_s = time.perf_counter() - t_epoch
         wall += epoch_s
@@ -368,12 +381,15 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
         history.append(row)
         if epoch == config.epochs:
             gradflow["final"] = gradient_flow(model, gx, gy)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        save_checkpoint(out, {"format": CKPT_FORMAT, "epoch": epoch, "config": config.to_json(),
-                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "rng": rng_state(generator),
-                              "history": history, "gradflow": gradflow})
+        if ctx.is_main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            save_checkpoint(out, {"format": CKPT_FORMAT, "epoch": epoch,
+                                  "config": config.to_json(), "model": model.state_dict(),
+                                  "optimizer": optimizer.state_dict(),
+                                  "scheduler": scheduler.state_dict(),
+                                  "rng": rng_state(generator), "history": history,
+                                  "gradflow": gradflow})
         if verbose:
             print(f"epoch {epoch}/{config.epochs}  train_loss {row['train_loss']}  "
                   f"test_loss {row['test_loss']}  test_acc {test_acc:.4f}  "
@@ -381,8 +397,9 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
         if stop_after is not None and epoch >= stop_after and epoch < config.epochs:
             return history
 
-    atomic_write_json(out / "gradflow.json", gradflow)
-    atomic_write_json(out / "done.json", {"epochs": config.epochs, "final": history[-1]})
+    if ctx.is_main:
+        atomic_write_json(out / "gradflow.json", gradflow)
+        atomic_write_json(out / "done.json", {"epochs": config.epochs, "final": history[-1]})
     return history
 
 
