@@ -94,14 +94,25 @@ class _SyncNorm(torch.autograd.Function):
     def forward(ctx, t, weight, bias, eps, key):
         channels = t.shape[1]
         count = t.numel() // channels
-        mean, var = merge_stats(key, *reference.stats(t, 0), count)
+        # Moments around a pivot (the first element per channel), the mean sent in float64:
+        # a float32 mean far from zero (|mean| >> std) would cost the merge's between-rank
+        # term its digits. (The fused ops send the float32 mean of their stats primitive.)
+        pivot = t[:1, :, :1, :1]
+        shifted_mean, var = reference.stats(t - pivot, 0)
+        mean, var = merge_stats(key, shifted_mean.double() + pivot.double().flatten(), var,
+                                count)
         norm = "bn" if weight is not None else "bn-minus"
         scale, shift, mean, rstd = _norm.coefficients(norm, mean, var, weight, bias, eps,
                                                       channels, t)
         ctx.save_for_backward(t, mean, scale, shift, rstd)
         ctx.args = (key, count, None if weight is None else weight.dtype)
         ctx.mark_non_differentiable(mean, var)
-        return reference.apply(t, scale, shift, 0), mean, var
+        # Centered first, as nn.BatchNorm2d: t·s + b cancels digits when |mean| >> std.
+        view = (1, -1) + (1,) * (t.dim() - 2)
+        out = (t.to(mean.dtype) - mean.view(view)) * scale.view(view)
+        if bias is not None:
+            out = out + bias.to(out.dtype).view(view)
+        return out.to(t.dtype), mean, var
 
     @staticmethod
     def backward(ctx, grad, _grad_mean, _grad_var):
