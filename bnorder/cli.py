@@ -114,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive_int)
     _add_data_args(s)
     s.add_argument("--budget-s", type=_positive_float, default=None,
-                   help="start no new run after this many seconds of training (the first always starts; quick preset: 660)")
+                   help="start no new run after this many seconds of training (the first "
+                        "always starts; quick preset: 600)")
+    s.add_argument("--bench-rounds", type=int, default=None,
+                   help="interleaved step-time rounds per configuration (0: use the runs' "
+                        "own step times)")
     s.add_argument("--lr", type=_positive_float, default=None)
     s.add_argument("--out", default=None, help="study folder (default runs/study-<preset>)")
     s.add_argument("--report-only", action="store_true",

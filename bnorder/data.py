@@ -1,6 +1,6 @@
 """Data sets held in memory as uint8 tensors, and vectorized, seeded augmentation.
 
-    fashion-mnist  Debian's dataset-fashion-mnist package (gzipped IDX files), 28×28 padded to 32×32
+    fashion-mnist  Debian's dataset-fashion-mnist (gzipped IDX files), 28×28 padded to 32×32
     cifar10        a user-given folder in the standard python-pickle layout, never downloaded
     synthetic      class-dependent random images, for smoke tests
 

@@ -68,7 +68,9 @@ def welch(a: List[float], b: List[float]) -> Dict:
 
 # ---------------------------------------------------------------------------- analysis
 
-def analyse(spec: Dict, runs: List[Dict]) -> Dict:
+def analyse(spec: Dict, runs: List[Dict], bench: Optional[Dict] = None) -> Dict:
+    """Per network × configuration: accuracy statistics, time to accuracy, and step times —
+    from `bench` (bnorder.throughput, interleaved) when given, else from the runs."""
     backends = list(spec["backends"])
     primary = "fused" if "fused" in backends else backends[0]
     labels, models = [], []
@@ -114,9 +116,15 @@ def analyse(spec: Dict, runs: List[Dict]) -> Dict:
                 row["vs_cbr"] = welch(acc, finals(model, "conv-bn-relu", primary))
             for backend in backends:
                 s = step_s(model, lab, backend)
-                row[f"step_s_{backend}"] = s
-                row[f"img_s_{backend}"] = row["batch_size"] / s if s == s else float("nan")
+                row[f"run_img_s_{backend}"] = row["batch_size"] / s if s == s else float("nan")
                 base = step_s(model, "none", backend)
+                if bench:
+                    s, base = (bench.get(f"{model}|{k}|{backend}", {}).get("step_s", float("nan"))
+                               for k in (lab, "none"))
+                    row["bench_batch"] = spec.get("bench_batch")
+                row[f"step_s_{backend}"] = s
+                batch = row["bench_batch"] if bench else row["batch_size"]
+                row[f"img_s_{backend}"] = batch / s if s == s else float("nan")
                 row[f"tax_{backend}"] = (s / base - 1) if lab != "none" and base == base \
                     else None
             row["eager_fused_diff"] = _max_diff(groups.get((model, lab, "eager"), []),
@@ -359,20 +367,27 @@ def _sections(spec: Dict, res: Dict, figures: Dict, n_runs: int, n_done: int) ->
           ("table", ["model", "config", "target", "epochs", "wall s"], tt),
           ("img", figures["tta"], "time to accuracy")]
     th = [[r["model"], r["label"], *(_fmt(r[f"img_s_{b}"], 1) for b in backends),
+           *(_fmt(r[f"run_img_s_{b}"], 1) for b in backends),
            *(_fmt(r.get(f"tax_{b}"), percent=True) for b in backends)] for r in res["rows"]]
     both = "eager" in backends and "fused" in backends
     if both:
         for row, r in zip(th, res["rows"]):
             row.append(_fmt(r["step_s_eager"] / r["step_s_fused"], 2, times=True))
+    bench = spec.get("bench_batch") if any("bench_batch" in r for r in res["rows"]) else None
+    source = (f"a separate interleaved measurement (bnorder.throughput): every configuration "
+              f"and backend of a network built in one process and trained on one batch of "
+              f"{bench} images in rotating rounds, median over the rounds"
+              if bench else "the training runs' own steps (all epochs and seeds)")
     s += [("h2", "Throughput and BN tax"),
           ("p", "Images/s = batch size / median training-step time (forward, backward, SGD "
-                "update; all steps of all epochs and seeds of a configuration). BN tax "
-                "(DESIGN §7) = step time with the norm / step time of the same network with "
-                "norm `none` on the same backend − 1. Runs execute one after another on a "
-                "shared 2-core machine (the eager runs in a later tier than the fused ones), "
-                "so these figures carry the machine's load changes; benchmarks/ has the "
-                "interleaved measurements (DESIGN §7)."),
+                f"update), from {source}. BN tax (DESIGN §7) = step time with the norm / "
+                "step time of the same network with norm `none` on the same backend − 1. "
+                "The 'runs' columns give the training runs' own images/s (median step over "
+                "all their epochs); runs execute one after another while the shared "
+                "machine's load changes, so only the interleaved figures compare "
+                "configurations fairly."),
           ("table", ["model", "config", *(f"img/s {b}" for b in backends),
+                     *(f"img/s {b} (runs)" for b in backends),
                      *(f"BN tax {b}" for b in backends),
                      *(["fused speed-up"] if both else [])], th),
           ("img", figures["throughput"], "images/s per order"),
@@ -435,7 +450,10 @@ def write_report(out: Path, spec: Dict, runs: List[Dict], run_dir: Callable) -> 
     loaded = _load_runs(runs, run_dir, out)
     if not loaded:
         raise StudyError(f"no finished runs in {out}/runs: nothing to report")
-    res = analyse(spec, loaded)
+    import json
+    bench_path = out / "throughput.json"
+    bench = json.loads(bench_path.read_text())["results"] if bench_path.exists() else None
+    res = analyse(spec, loaded, bench)
     folder = out / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     bn_labels = [lab for lab in res["labels"] if lab != "none"]

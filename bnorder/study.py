@@ -44,7 +44,7 @@ PRESETS: Dict[str, Dict] = {
         seeds=[0, 1], backends=["eager", "fused"], backend_seeds={"eager": [0]},
         data="fashion-mnist", epochs=3, subset=96, test_subset=200, batch_size=16, lr=0.02,
         momentum=0.9, weight_decay=5e-4, schedule="cosine", gradflow_batch=32,
-        budget_s=660,
+        budget_s=600, bench_rounds=7, bench_batch=32, bench_budget_s=90,
         description=(
             "A time-boxed smoke study for `make run` (≤ 15 minutes on 2 shared CPU cores, "
             "set-up included): every run trains a few epochs on a small slice of "
@@ -70,6 +70,7 @@ PRESETS: Dict[str, Dict] = {
         data="cifar10",
         epochs=164, subset=None, test_subset=None, batch_size=128, lr=0.1, momentum=0.9,
         weight_decay=1e-4, schedule="step", gradflow_batch=128,
+        bench_rounds=20, bench_batch=128, bench_budget_s=1800,
         description=(
             "The CIFAR-10 training recipe of He et al. 2015 (Deep Residual Learning for Image "
             "Recognition, §4.2): SGD with batch 128, momentum 0.9, weight decay 1e-4, "
@@ -81,7 +82,8 @@ PRESETS: Dict[str, Dict] = {
             "AlexNet and VGG-16 (whose original papers trained on ImageNet with other "
             "schedules), and use it unchanged for norm `none`, where lr 0.1 may diverge (He "
             "et al. warmed ResNet-110 up at 0.01); pass --lr to change it. Five seeds per "
-            "configuration on the fused backend, seed 0 on the eager one. Needs --data-dir with the python version of CIFAR-10.")),
+            "configuration on the fused backend, seed 0 on the eager one. Needs --data-dir "
+            "with the python version of CIFAR-10.")),
 }
 
 
@@ -141,7 +143,8 @@ def resolve(args) -> Dict:
     spec = dict(PRESETS[args.preset])
     spec["preset"] = args.preset
     for key in ("models", "orders", "norms", "seeds", "backends", "epochs", "subset",
-                "test_subset", "batch_size", "data", "data_dir", "lr", "budget_s"):
+                "test_subset", "batch_size", "data", "data_dir", "lr", "budget_s",
+                "bench_rounds"):
         value = getattr(args, key, None)
         if value is not None:
             spec[key] = value
@@ -191,6 +194,19 @@ def run_study(spec: Dict, out: Path, progress: bool = True) -> Dict:
         print(f"[{i}/{len(todo)}] {r['model']:<9} {r['label']:<13} {r['backend']:<5} "
               f"seed {r['seed']}: test_acc {acc:.4f}  {time.perf_counter() - t_run:5.1f} s  "
               f"(study {time.perf_counter() - t0:6.1f} s)", flush=True)
+    bench_path = out / "throughput.json"
+    if spec.get("bench_rounds") and (todo or not bench_path.exists()):
+        from . import throughput
+        configs = sorted({(r["label"], r["order"], r["norm"], r["backend"]) for r in runs})
+        print(f"step times: {spec['bench_rounds']} interleaved rounds of every configuration "
+              f"on one batch of {spec['bench_batch']} (budget {spec['bench_budget_s']} s)",
+              flush=True)
+        dataset = dataset or data_mod.load(spec["data"], spec.get("data_dir"))
+        t_bench = time.perf_counter()
+        results = throughput.measure(spec, dataset, configs, spec["bench_rounds"],
+                                     spec["bench_batch"], spec["bench_budget_s"])
+        atomic_write_json(bench_path, {"results": results,
+                                       "wall_s": time.perf_counter() - t_bench})
     spec_json = {k: v for k, v in spec.items()}
     spec_json["machine"] = machine()
     spec_json["train_wall_s_this_invocation"] = time.perf_counter() - t0

@@ -270,10 +270,10 @@ def build_model(config: TrainConfig, dataset: data_mod.Dataset) -> torch.nn.Modu
 def _check_resumable(out: Path, config: TrainConfig) -> None:
     saved = json.loads((out / "config.json").read_text())
     mine = config.to_json()
-    diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+    diff = ", ".join(f"{k}: {saved.get(k)!r} there, {v!r} here" for k, v in mine.items()
+                     if saved.get(k) != v)
     if diff:
-        raise TrainError(f"{out} holds a run with another configuration "
-                         f"({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())}); "
+        raise TrainError(f"{out} holds a run with another configuration ({diff}); "
                          "resume with the same arguments or choose another --out")
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from bnorder import cli, report, study, train
 
-TINY = ["--models", "cnn", "--orders", "conv-bn-relu", "--seeds", "0,1", "--epochs", "2", "--subset", "32",
+TINY = ["--models", "cnn", "--orders", "conv-bn-relu", "--seeds", "0,1", "--epochs", "2",
+        "--subset", "32",
         "--test-subset", "32", "--batch-size", "16", "--data", "synthetic", "--no-progress",
         "--lr", "0.05"]
 SECTIONS = ["# bnorder study: quick", "## Convergence", "## Final accuracy",
@@ -62,7 +63,8 @@ def _runs(out):
 
 def test_report_numbers_come_from_the_runs(tiny_study):
     spec, runs = _runs(tiny_study)
-    res = report.analyse(spec, runs)
+    bench = json.loads((tiny_study / "throughput.json").read_text())["results"]
+    res = report.analyse(spec, runs, bench)
     md = (tiny_study / "report.md").read_text()
     for r in res["rows"]:
         finals = [g["rows"][-1]["test_acc"] for g in runs
@@ -76,15 +78,24 @@ def test_report_numbers_come_from_the_runs(tiny_study):
                                  for row in g["rows"])
     cbr = next(r for r in res["rows"] if r["label"] == "conv-bn-relu")
     for backend in ("eager", "fused"):
-        assert cbr[f"tax_{backend}"] == pytest.approx(step("conv-bn-relu", backend) /
-                                                      step("none", backend) - 1)
-        assert cbr[f"img_s_{backend}"] == pytest.approx(16 / step("conv-bn-relu", backend))
+        # throughput and BN tax from the interleaved measurement ...
+        b, none = bench[f"cnn|conv-bn-relu|{backend}"], bench[f"cnn|none|{backend}"]
+        assert b["rounds"] >= 2 and b["batch_size"] == spec["bench_batch"]
+        assert cbr[f"tax_{backend}"] == pytest.approx(b["step_s"] / none["step_s"] - 1)
+        assert cbr[f"img_s_{backend}"] == pytest.approx(spec["bench_batch"] / b["step_s"])
+        assert _fmt_tax(cbr[f"tax_{backend}"]) in md
+        # ... and each run's own throughput from its metrics
+        assert cbr[f"run_img_s_{backend}"] == pytest.approx(16 / step("conv-bn-relu", backend))
     # eager vs fused: the largest final-accuracy difference over the seeds both ran
     for r in res["rows"]:
         final = {(g["backend"], g["seed"]): g["rows"][-1]["test_acc"] for g in runs
                  if g["label"] == r["label"]}
         assert r["eager_fused_diff"] == max(abs(final["eager", s] - final["fused", s])
                                             for s in (0, 1))
+
+
+def _fmt_tax(v):
+    return report._fmt(v, percent=True)
 
 
 def test_rerun_skips_finished_runs(tiny_study, capsys):
@@ -103,8 +114,8 @@ def test_welch_test_says_when_seeds_are_too_few():
 
 
 def test_time_budget_stops_before_new_runs(tmp_path, capsys):
-    assert cli.main(["study", *TINY, "--models", "cnn", "--seeds", "0", "--backends",
-                     "eager", "--budget-s", "1e-9", "--out", str(tmp_path)]) == 0
+    assert cli.main(["study", *TINY, "--models", "cnn", "--seeds", "0", "--backends", "eager",
+                     "--budget-s", "1e-9", "--bench-rounds", "0", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     spec = json.loads((tmp_path / "study.json").read_text())
     # the first run always starts; every later one is listed as not started
