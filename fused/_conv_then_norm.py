@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _backend, _conv, _norm, sync as _sync
+from . import _backend, _conv, _norm, _op, sync as _sync
 from .reference import RELU_AFTER, RELU_BEFORE
 
 
@@ -44,8 +44,7 @@ def _acc(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("bnorder::conv_norm_forward", mutates_args=())
-def conv_norm_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+def _conv_norm_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
                       padding: List[int], dilation: List[int], groups: int,
                       gamma: Optional[Tensor], beta: Optional[Tensor],
                       mean_in: Optional[Tensor], var_in: Optional[Tensor], eps: float,
@@ -86,6 +85,10 @@ def conv_norm_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride:
     return out, y, mean, var
 
 
+conv_norm_forward = torch.library.custom_op("bnorder::conv_norm_forward", _conv_norm_forward_impl,
+                                    mutates_args=())
+
+
 @conv_norm_forward.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
       norm, relu_mode, sync=-1):
@@ -97,8 +100,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, 
     return torch.empty_like(y), y, stat, stat.clone()
 
 
-@torch.library.custom_op("bnorder::conv_norm_backward", mutates_args=())
-def conv_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+def _conv_norm_backward_impl(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                        y: Tensor, out: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
                        gamma: Optional[Tensor], beta: Optional[Tensor], stride: List[int],
                        padding: List[int], dilation: List[int], groups: int, eps: float,
@@ -148,6 +150,11 @@ def conv_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
             _conv.empty_like_or_none(dbias, e), dgamma, dbeta)
 
 
+conv_norm_backward = torch.library.custom_op("bnorder::conv_norm_backward", _conv_norm_backward_impl,
+                                    mutates_args=())
+_conv_norm_backward_call = _op.eager_or_op(conv_norm_backward, _conv_norm_backward_impl)
+
+
 @conv_norm_backward.register_fake
 def _(grad, x, weight, bias, y, out, mean, var, gamma, beta, stride, padding, dilation, groups,
       eps, norm, relu_mode, batch_stats, grad_mask, sync=-1):
@@ -180,7 +187,7 @@ def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
     needs = ctx.needs_input_grad
     grad_mask = [needs[0], needs[1], bias is not None and needs[2]]
     e = x.new_empty(0)
-    dx, dweight, dbias, dgamma, dbeta = conv_norm_backward(
+    dx, dweight, dbias, dgamma, dbeta = _conv_norm_backward_call(
         grad_out, x, weight, bias, y, e if out is None else out, mean, var, gamma, beta,
         stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, grad_mask, sync)
     dgamma = dgamma.to(gamma.dtype) if gamma is not None and needs[7] else None
@@ -190,13 +197,14 @@ def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
             None, None, None, None, None, None)
 
 
-conv_norm_forward.register_autograd(_backward, setup_context=_setup_context)
+_conv_norm_forward_call = _op.with_autograd(conv_norm_forward, _conv_norm_forward_impl,
+                                            _setup_context, _backward)
 
 
 def forward(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in,
             eps, norm, relu_mode, sync=-1):
     """The order-specific step of `_unit.run`: (out, batch mean, batch var, local count)."""
-    out, _y, mean, var = conv_norm_forward(x, weight, bias, stride, padding, dilation, groups,
-                                           gamma, beta, mean_in, var_in, eps, norm, relu_mode,
-                                           sync)
+    out, _y, mean, var = _conv_norm_forward_call(x, weight, bias, stride, padding, dilation,
+                                                 groups, gamma, beta, mean_in, var_in, eps,
+                                                 norm, relu_mode, sync)
     return out, mean, var, out.numel() // out.shape[1]

@@ -40,7 +40,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _backend, _conv, _norm, _unit, sync as _sync
+from . import _backend, _conv, _norm, _op, _unit, sync as _sync
 from .reference import RELU_NONE
 
 
@@ -70,8 +70,7 @@ def _shift_image(shift: Tensor, x: Tensor) -> Tensor:
         memory_format=_conv.memory_format_of(x))
 
 
-@torch.library.custom_op("bnorder::norm_conv_forward", mutates_args=())
-def norm_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+def _norm_conv_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
                       padding: List[int], dilation: List[int], groups: int,
                       gamma: Optional[Tensor], beta: Optional[Tensor],
                       mean_in: Optional[Tensor], var_in: Optional[Tensor], eps: float,
@@ -111,6 +110,10 @@ def norm_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride:
     return z, mean, var
 
 
+norm_conv_forward = torch.library.custom_op("bnorder::norm_conv_forward", _norm_conv_forward_impl,
+                                    mutates_args=())
+
+
 @norm_conv_forward.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
       norm, relu, sync=-1):
@@ -119,8 +122,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, 
     return _conv.conv(x, weight, bias, stride, padding, dilation, groups), stat, stat.clone()
 
 
-@torch.library.custom_op("bnorder::norm_conv_backward", mutates_args=())
-def norm_conv_backward(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor,
+def _norm_conv_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor,
                        mean: Optional[Tensor], var: Optional[Tensor], gamma: Optional[Tensor],
                        beta: Optional[Tensor], stride: List[int], padding: List[int],
                        dilation: List[int], groups: int, eps: float, norm: str, relu: bool,
@@ -170,6 +172,11 @@ def norm_conv_backward(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor,
             _conv.empty_like_or_none(dbias, e), dgamma, dbeta)
 
 
+norm_conv_backward = torch.library.custom_op("bnorder::norm_conv_backward", _norm_conv_backward_impl,
+                                    mutates_args=())
+_norm_conv_backward_call = _op.eager_or_op(norm_conv_backward, _norm_conv_backward_impl)
+
+
 @norm_conv_backward.register_fake
 def _(grad, x, out, weight, mean, var, gamma, beta, stride, padding, dilation, groups, eps,
       norm, relu, batch_stats, grad_mask, sync=-1):
@@ -201,7 +208,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     stride, padding, dilation, groups, eps, norm, relu, batch_stats, has_bias, sync = ctx.args
     needs = ctx.needs_input_grad
     grad_mask = [needs[0], needs[1], has_bias and needs[2]]
-    dx, dweight, dbias, dgamma, dbeta = norm_conv_backward(
+    dx, dweight, dbias, dgamma, dbeta = _norm_conv_backward_call(
         grad_out, x, x.new_empty(0) if out is None else out, weight, mean, var, gamma, beta,
         stride, padding, dilation, groups, eps, norm, relu, batch_stats, grad_mask, sync)
     dgamma = dgamma.to(gamma.dtype) if gamma is not None and needs[7] else None
@@ -211,14 +218,15 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
             None, None, None, None, None, None)
 
 
-norm_conv_forward.register_autograd(_backward, setup_context=_setup_context)
+_norm_conv_forward_call = _op.with_autograd(norm_conv_forward, _norm_conv_forward_impl,
+                                            _setup_context, _backward)
 
 
 def _forward(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in,
              eps, norm, relu_mode, sync=-1):
-    out, mean, var = norm_conv_forward(x, weight, bias, stride, padding, dilation, groups,
-                                       gamma, beta, mean_in, var_in, eps, norm,
-                                       relu_mode != RELU_NONE, sync)
+    out, mean, var = _norm_conv_forward_call(x, weight, bias, stride, padding, dilation,
+                                             groups, gamma, beta, mean_in, var_in, eps, norm,
+                                             relu_mode != RELU_NONE, sync)
     return out, mean, var, x.numel() // x.shape[1]
 
 
