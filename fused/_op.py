@@ -33,13 +33,13 @@ def with_autograd(op, impl: Callable, setup_context: Callable, backward: Callabl
     op.register_autograd(backward, setup_context=setup_context)
 
     class EagerFunction(torch.autograd.Function):
+        # forward(ctx, ...) rather than a separate setup_context staticmethod: apply() then
+        # skips binding default arguments through inspect.signature on every call.
         @staticmethod
-        def forward(*args):
-            return impl(*args)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            setup_context(ctx, inputs, output)
+        def forward(ctx, *args):
+            output = impl(*args)
+            setup_context(ctx, args, output)
+            return output
 
         @staticmethod
         def backward(ctx, *grads):
