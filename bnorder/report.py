@@ -175,6 +175,7 @@ def _save(fig, path: Path) -> str:
 
 def _curves(res: Dict, folder: Path, x_key: Optional[str], name: str) -> str:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     models, colors = res["models"], _colors(res["labels"])
     fig, axes = plt.subplots(2, len(models), figsize=(4.2 * len(models), 6.4), squeeze=False)
     for j, model in enumerate(models):
@@ -199,6 +200,8 @@ def _curves(res: Dict, folder: Path, x_key: Optional[str], name: str) -> str:
         axes[1][j].set_ylabel("test loss")
         for i in range(2):
             axes[i][j].set_xlabel("epoch" if x_key is None else "wall time (s, mean over seeds)")
+            if x_key is None:
+                axes[i][j].xaxis.set_major_locator(MaxNLocator(integer=True))
             axes[i][j].grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     return _save(fig, folder / name)
