@@ -158,20 +158,14 @@ _conv_norm_backward_call = _op.eager_or_op(conv_norm_backward, _conv_norm_backwa
 @conv_norm_backward.register_fake
 def _(grad, x, weight, bias, y, out, mean, var, gamma, beta, stride, padding, dilation, groups,
       eps, norm, relu_mode, batch_stats, grad_mask, sync=-1):
-    stat = x.new_empty(weight.shape[0], dtype=_acc(x))
-    e = x.new_empty(0)
-    return (torch.empty_like(x) if grad_mask[0] else e,
-            torch.empty_like(weight) if grad_mask[1] else e,
-            x.new_empty(weight.shape[0]) if grad_mask[2] else e, stat, stat.clone())
+    return _op.fake_grads(x, weight, grad_mask, weight.shape[0], _acc(x))
 
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
      norm, relu_mode, sync) = inputs
     out, y, mean, var = output
-    batch_stats = norm != "affine" and mean_in is None
-    if not batch_stats:
-        mean, var = mean_in, var_in
+    batch_stats, mean, var = _op.statistics_used(norm, mean_in, var_in, mean, var)
     folded = _folds(batch_stats, relu_mode)
     # Outputs other than `out` (y, statistics) get no gradient: do not materialize zeros.
     ctx.set_materialize_grads(False)
@@ -181,20 +175,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
     if grad_out is None:  # only the statistics were used downstream
-        return (None,) * 15
+        return _op.NO_GRADS
     x, weight, bias, y, out, mean, var, gamma, beta = ctx.saved_tensors
     stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, sync = ctx.args
-    needs = ctx.needs_input_grad
-    grad_mask = [needs[0], needs[1], bias is not None and needs[2]]
-    e = x.new_empty(0)
-    dx, dweight, dbias, dgamma, dbeta = _conv_norm_backward_call(
-        grad_out, x, weight, bias, y, e if out is None else out, mean, var, gamma, beta,
-        stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, grad_mask, sync)
-    dgamma = dgamma.to(gamma.dtype) if gamma is not None and needs[7] else None
-    dbeta = dbeta.to(beta.dtype) if beta is not None and needs[8] else None
-    return (dx if grad_mask[0] else None, dweight if grad_mask[1] else None,
-            dbias if grad_mask[2] else None, None, None, None, None, dgamma, dbeta,
-            None, None, None, None, None, None)
+    mask = _op.grad_mask(ctx, bias is not None)
+    grads = _conv_norm_backward_call(
+        grad_out, x, weight, bias, y, x.new_empty(0) if out is None else out, mean, var,
+        gamma, beta, stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, mask,
+        sync)
+    return _op.input_grads(ctx, mask, *grads, gamma, beta)
 
 
 _conv_norm_forward_call = _op.with_autograd(conv_norm_forward, _conv_norm_forward_impl,

@@ -50,3 +50,44 @@ def with_autograd(op, impl: Callable, setup_context: Callable, backward: Callabl
     def call(*args):
         return op(*args) if _tracing(args[0]) else EagerFunction.apply(*args)
     return call
+
+
+# --------------------------------------------------------------------------------------
+# Autograd plumbing shared by the unit ops (conv→norm and norm→conv). Both take the inputs
+# (x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
+#  norm, relu, sync) and return gradients for x, weight, bias, gamma and beta.
+# --------------------------------------------------------------------------------------
+
+N_INPUTS = 15
+NO_GRADS = (None,) * N_INPUTS
+
+
+def statistics_used(norm: str, mean_in, var_in, batch_mean, batch_var):
+    """(batch_stats, mean, var): the statistics the forward normalized with."""
+    batch_stats = norm != "affine" and mean_in is None
+    return (batch_stats, batch_mean, batch_var) if batch_stats else (False, mean_in, var_in)
+
+
+def grad_mask(ctx, has_bias: bool):
+    """Which of (dx, dweight, dbias) the backward must produce."""
+    needs = ctx.needs_input_grad
+    return [needs[0], needs[1], has_bias and needs[2]]
+
+
+def input_grads(ctx, mask, dx, dweight, dbias, dgamma, dbeta, gamma, beta):
+    """The gradient tuple for the unit op's inputs; gamma/beta grads in their own dtype."""
+    needs = ctx.needs_input_grad
+    dgamma = dgamma.to(gamma.dtype) if gamma is not None and needs[7] else None
+    dbeta = dbeta.to(beta.dtype) if beta is not None and needs[8] else None
+    return (dx if mask[0] else None, dweight if mask[1] else None,
+            dbias if mask[2] else None, None, None, None, None, dgamma, dbeta,
+            None, None, None, None, None, None)
+
+
+def fake_grads(x, weight, mask, norm_channels: int, acc_dtype):
+    """Fake (meta) outputs of a unit op's backward: (dx, dweight, dbias, dgamma, dbeta)."""
+    stat = x.new_empty(norm_channels, dtype=acc_dtype)
+    e = x.new_empty(0)
+    return (torch.empty_like(x) if mask[0] else e,
+            torch.empty_like(weight) if mask[1] else e,
+            x.new_empty(weight.shape[0]) if mask[2] else e, stat, stat.clone())

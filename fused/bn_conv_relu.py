@@ -180,20 +180,14 @@ _norm_conv_backward_call = _op.eager_or_op(norm_conv_backward, _norm_conv_backwa
 @norm_conv_backward.register_fake
 def _(grad, x, out, weight, mean, var, gamma, beta, stride, padding, dilation, groups, eps,
       norm, relu, batch_stats, grad_mask, sync=-1):
-    stat = x.new_empty(x.shape[1], dtype=_acc(x))
-    e = x.new_empty(0)
-    return (torch.empty_like(x) if grad_mask[0] else e,
-            torch.empty_like(weight) if grad_mask[1] else e,
-            x.new_empty(weight.shape[0]) if grad_mask[2] else e, stat, stat.clone())
+    return _op.fake_grads(x, weight, grad_mask, x.shape[1], _acc(x))
 
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
      norm, relu, sync) = inputs
     out, mean, var = output
-    batch_stats = norm != "affine" and mean_in is None
-    if not batch_stats:
-        mean, var = mean_in, var_in
+    batch_stats, mean, var = _op.statistics_used(norm, mean_in, var_in, mean, var)
     # Outputs other than `out` (y, statistics) get no gradient: do not materialize zeros.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, out if relu else None, weight, mean, var, gamma, beta)
@@ -203,19 +197,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
     if grad_out is None:  # only the statistics were used downstream
-        return (None,) * 15
+        return _op.NO_GRADS
     x, out, weight, mean, var, gamma, beta = ctx.saved_tensors
     stride, padding, dilation, groups, eps, norm, relu, batch_stats, has_bias, sync = ctx.args
-    needs = ctx.needs_input_grad
-    grad_mask = [needs[0], needs[1], has_bias and needs[2]]
-    dx, dweight, dbias, dgamma, dbeta = _norm_conv_backward_call(
+    mask = _op.grad_mask(ctx, has_bias)
+    grads = _norm_conv_backward_call(
         grad_out, x, x.new_empty(0) if out is None else out, weight, mean, var, gamma, beta,
-        stride, padding, dilation, groups, eps, norm, relu, batch_stats, grad_mask, sync)
-    dgamma = dgamma.to(gamma.dtype) if gamma is not None and needs[7] else None
-    dbeta = dbeta.to(beta.dtype) if beta is not None and needs[8] else None
-    return (dx if grad_mask[0] else None, dweight if grad_mask[1] else None,
-            dbias if grad_mask[2] else None, None, None, None, None, dgamma, dbeta,
-            None, None, None, None, None, None)
+        stride, padding, dilation, groups, eps, norm, relu, batch_stats, mask, sync)
+    return _op.input_grads(ctx, mask, *grads, gamma, beta)
 
 
 _norm_conv_forward_call = _op.with_autograd(norm_conv_forward, _norm_conv_forward_impl,
