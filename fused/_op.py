@@ -15,10 +15,12 @@ import torch
 
 
 def _tracing(first_arg) -> bool:
-    """Under torch.compile, or when the tensors are subclasses (fake or functional tensors
-    of a tracer such as aot_autograd or opcheck): then the registered op must run."""
-    return torch.compiler.is_compiling() or type(first_arg) not in (torch.Tensor,
-                                                                     torch.nn.Parameter)
+    """Under torch.compile, for tensor subclasses (fake or functional tensors of a tracer
+    such as aot_autograd or opcheck) and for meta tensors (shape propagation, MAC counting):
+    then the registered op, with its fake implementation, must run."""
+    return (torch.compiler.is_compiling()
+            or type(first_arg) not in (torch.Tensor, torch.nn.Parameter)
+            or first_arg.is_meta)
 
 
 def eager_or_op(op: Callable, impl: Callable) -> Callable:

@@ -459,3 +459,17 @@ def test_reference_primitives_agree_with_unit_reference():
     mean, var = reference.stats(t, reference.RELU_NONE)
     torch.testing.assert_close(mean, t.mean((0, 2, 3)))
     torch.testing.assert_close(var, t.var((0, 2, 3), unbiased=False))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_meta_tensors_propagate_shapes(order):
+    """Shape propagation on the meta device (as models' MAC counting does) uses the ops'
+    fake implementations, forward and backward."""
+    unit = MODULES[order](3, 8, 3, stride=2, padding=1).to("meta").to(
+        memory_format=torch.channels_last)
+    x = torch.empty(4, 3, 9, 9, device="meta").contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = unit(x)
+    assert out.shape == (4, 8, 5, 5) and out.is_meta
+    (dx,) = torch.autograd.grad(out, [x], torch.empty_like(out))
+    assert dx.shape == x.shape
