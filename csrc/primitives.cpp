@@ -126,30 +126,43 @@ inline int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, 4096 / C)
 // stats
 // ---------------------------------------------------------------------------------------
 
+// Planes are visited in memory order (plane p = n·C + c), each thread merging into its own
+// per-channel partials: walking one channel's N planes instead would jump C·S values between
+// short runs, which the hardware prefetcher does not follow (3–4× slower at 8×8 maps).
 template <typename scalar_t, typename acc_t, int Mode>
 void stats_planes(const scalar_t* x, const Geometry& geo, acc_t* mean_out, acc_t* var_out) {
-  const int64_t S = geo.S;
-  at::parallel_for(0, geo.C, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double n = 0, mean = 0, m2 = 0;
-      for (int64_t b = 0; b < geo.N; ++b) {
-        const scalar_t* p = x + (b * geo.C + c) * S;
-        acc_t sum = 0;
+  const int64_t S = geo.S, C = geo.C;
+  const int nthreads = at::get_num_threads();
+  std::vector<double> t_n(nthreads * C, 0.0), t_mean(nthreads * C, 0.0), t_m2(nthreads * C, 0.0);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S));
+  at::parallel_for(0, geo.N * C, grain, [&](int64_t p0, int64_t p1) {
+    const int tid = at::get_thread_num();
+    double* pn = &t_n[tid * C];
+    double* pmean = &t_mean[tid * C];
+    double* pm2 = &t_m2[tid * C];
+    for (int64_t plane = p0; plane < p1; ++plane) {
+      const scalar_t* __restrict__ p = x + plane * S;
+      acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < S; ++i) sum += load_input<Mode, acc_t>(p[i]);
-        const acc_t pm = sum / static_cast<acc_t>(S);
-        acc_t sq = 0;
+      for (int64_t i = 0; i < S; ++i) sum += load_input<Mode, acc_t>(p[i]);
+      const acc_t pm = sum / static_cast<acc_t>(S);
+      acc_t sq = 0;
 #pragma omp simd reduction(+ : sq)
-        for (int64_t i = 0; i < S; ++i) {
-          const acc_t d = load_input<Mode, acc_t>(p[i]) - pm;
-          sq += d * d;
-        }
-        chan_merge(n, mean, m2, static_cast<double>(S), pm, sq);
+      for (int64_t i = 0; i < S; ++i) {
+        const acc_t d = load_input<Mode, acc_t>(p[i]) - pm;
+        sq += d * d;
       }
-      mean_out[c] = static_cast<acc_t>(mean);
-      var_out[c] = static_cast<acc_t>(n > 0 ? m2 / n : 0.0);
+      const int64_t c = plane % C;
+      chan_merge(pn[c], pmean[c], pm2[c], static_cast<double>(S), pm, sq);
     }
   });
+  for (int64_t c = 0; c < C; ++c) {
+    double n = 0, mean = 0, m2 = 0;
+    for (int t = 0; t < nthreads; ++t)
+      chan_merge(n, mean, m2, t_n[t * C + c], t_mean[t * C + c], t_m2[t * C + c]);
+    mean_out[c] = static_cast<acc_t>(mean);
+    var_out[c] = static_cast<acc_t>(n > 0 ? m2 / n : 0.0);
+  }
 }
 
 template <typename scalar_t, typename acc_t, int Mode>
@@ -285,35 +298,45 @@ void backward_apply_kernel(const scalar_t* g, const scalar_t* x, scalar_t* dx,
 // backward_reduce
 // ---------------------------------------------------------------------------------------
 
+// Memory order with per-thread per-channel sums, as stats_planes.
 template <typename scalar_t, typename acc_t, int Mode>
 void backward_reduce_planes(const scalar_t* g, const scalar_t* x, const Geometry& geo,
                             const acc_t* mean, const acc_t* scale, const acc_t* shift,
                             acc_t* sum_g_out, acc_t* sum_gt_out) {
-  const int64_t S = geo.S;
-  at::parallel_for(0, geo.C, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
+  const int64_t S = geo.S, C = geo.C;
+  const int nthreads = at::get_num_threads();
+  std::vector<double> t_g(nthreads * C, 0.0), t_gt(nthreads * C, 0.0);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S));
+  at::parallel_for(0, geo.N * C, grain, [&](int64_t p0, int64_t p1) {
+    const int tid = at::get_thread_num();
+    for (int64_t plane = p0; plane < p1; ++plane) {
+      const int64_t c = plane % C;
       const acc_t s = scale[c], b = shift[c], m = mean[c];
-      double total_g = 0, total_gt = 0;
-      for (int64_t n = 0; n < geo.N; ++n) {
-        // Local pointers: loads through the lambda's captured references would keep the
-        // loop from vectorizing.
-        const scalar_t* __restrict__ xp = x + (n * geo.C + c) * S;
-        const scalar_t* __restrict__ gp = g + (n * geo.C + c) * S;
-        acc_t sg = 0, sgt = 0;
+      // Local pointers: loads through the lambda's captured references would keep the
+      // loop from vectorizing.
+      const scalar_t* __restrict__ xp = x + plane * S;
+      const scalar_t* __restrict__ gp = g + plane * S;
+      acc_t sg = 0, sgt = 0;
 #pragma omp simd reduction(+ : sg, sgt)
-        for (int64_t i = 0; i < S; ++i) {
-          const acc_t t = static_cast<acc_t>(xp[i]);
-          const acc_t gv = load_grad<Mode, acc_t>(gp[i], t, s, b);
-          sg += gv;
-          sgt += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - m);
-        }
-        total_g += sg;
-        total_gt += sgt;
+      for (int64_t i = 0; i < S; ++i) {
+        const acc_t t = static_cast<acc_t>(xp[i]);
+        const acc_t gv = load_grad<Mode, acc_t>(gp[i], t, s, b);
+        sg += gv;
+        sgt += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - m);
       }
-      sum_g_out[c] = static_cast<acc_t>(total_g);
-      sum_gt_out[c] = static_cast<acc_t>(total_gt);
+      t_g[tid * C + c] += sg;
+      t_gt[tid * C + c] += sgt;
     }
   });
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (int t = 0; t < nthreads; ++t) {
+      a += t_g[t * C + c];
+      b += t_gt[t * C + c];
+    }
+    sum_g_out[c] = static_cast<acc_t>(a);
+    sum_gt_out[c] = static_cast<acc_t>(b);
+  }
 }
 
 template <typename scalar_t, typename acc_t, int Mode>
