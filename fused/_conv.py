@@ -71,8 +71,3 @@ def batch_sum(t: Tensor) -> Tensor:
         n, c, h, w = t.shape
         return t.permute(0, 2, 3, 1).reshape(n, -1).sum(0).view(1, h, w, c).permute(0, 3, 1, 2)
     return t.reshape(t.shape[0], -1).sum(0).view(1, *t.shape[1:])
-
-
-def empty_like_or_none(t: Optional[Tensor], like: Tensor) -> Tensor:
-    """Custom ops cannot return None: an empty tensor stands for 'no gradient'."""
-    return t if t is not None else like.new_empty(0)

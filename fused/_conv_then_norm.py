@@ -85,8 +85,8 @@ def _conv_norm_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
     return out, y, mean, var
 
 
-conv_norm_forward = torch.library.custom_op("bnorder::conv_norm_forward", _conv_norm_forward_impl,
-                                    mutates_args=())
+conv_norm_forward = torch.library.custom_op("bnorder::conv_norm_forward",
+                                    _conv_norm_forward_impl, mutates_args=())
 
 
 @conv_norm_forward.register_fake
@@ -145,13 +145,11 @@ def _conv_norm_backward_impl(grad: Tensor, x: Tensor, weight: Tensor, bias: Opti
         dy = prims.backward_apply(grad, y, mean_c, scale, shift, k1, k2, k3, relu_mode)
         dx, dweight, dbias = _conv.conv_backward(dy, x, weight, stride, padding, dilation,
                                                  groups, conv_mask)
-    e = x.new_empty(0)
-    return (_conv.empty_like_or_none(dx, e), _conv.empty_like_or_none(dweight, e),
-            _conv.empty_like_or_none(dbias, e), dgamma, dbeta)
+    return _op.backward_outputs(x, dx, dweight, dbias, dgamma, dbeta)
 
 
-conv_norm_backward = torch.library.custom_op("bnorder::conv_norm_backward", _conv_norm_backward_impl,
-                                    mutates_args=())
+conv_norm_backward = torch.library.custom_op("bnorder::conv_norm_backward",
+                                    _conv_norm_backward_impl, mutates_args=())
 _conv_norm_backward_call = _op.eager_or_op(conv_norm_backward, _conv_norm_backward_impl)
 
 

@@ -86,6 +86,14 @@ def input_grads(ctx, mask, dx, dweight, dbias, dgamma, dbeta, gamma, beta):
             None, None, None, None, None, None)
 
 
+def backward_outputs(x, dx, dweight, dbias, dgamma, dbeta):
+    """A unit op's backward result: custom ops cannot return None, so an empty tensor
+    stands for a gradient that was not asked for."""
+    def present(t):  # a fresh empty tensor each: custom-op outputs may not alias
+        return x.new_empty(0) if t is None else t
+    return present(dx), present(dweight), present(dbias), dgamma, dbeta
+
+
 def fake_grads(x, weight, mask, norm_channels: int, acc_dtype):
     """Fake (meta) outputs of a unit op's backward: (dx, dweight, dbias, dgamma, dbeta)."""
     stat = x.new_empty(norm_channels, dtype=acc_dtype)

@@ -25,11 +25,13 @@ Backward, g_z = g·[a > 0]:
 Eval mode is the same computation with running statistics: the norm folds into the conv
 weights plus the border map conv(B, W).
 
-When the fold is not accurate. It is exact in real arithmetic, but x·s and b cancel inside
+When the fold is not used. It is exact in real arithmetic, but x·s and b cancel inside
 the convolution's sum instead of element by element, so in floating point its error grows
 with |mean|/std of the input; in float16/bfloat16 the extra roundings of W·s and of two
 weight gradients also cost more than eager's single rounding. In those cases (16-bit
-activations, or |mean_c|·rstd_c > FOLD_MAX_MEAN_OVER_STD for some channel) the norm is
+activations, or |mean_c|·rstd_c > FOLD_MAX_MEAN_OVER_STD for some channel) — and where the
+weight is larger than the activation, so that rescaling it costs more than a pass over
+norm(x) (wide fully connected units) — the norm is
 applied explicitly, n = apply(x), convolved and dropped; backward recomputes n instead of
 storing it, so norm(x) is still never kept between forward and backward.
 """
@@ -51,9 +53,14 @@ def _acc(x: Tensor) -> torch.dtype:
 FOLD_MAX_MEAN_OVER_STD = 100.0
 
 
-def _folds(x: Tensor, mean: Tensor, rstd: Tensor) -> bool:
-    """Whether conv(x, W·s) + conv(B, W) is as accurate as conv(norm(x), W) (see above)."""
-    if x.dtype not in (torch.float32, torch.float64):
+def _folds(x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> bool:
+    """Whether to use conv(x, W·s) + conv(B, W) rather than conv(norm(x), W).
+
+    The fold rescales the weight (forward) and its gradient (backward) instead of writing
+    and re-reading norm(x): cheaper only while the weight is smaller than the activation
+    (true of convolutions, not of wide fully connected units such as 4096 -> 4096), and as
+    accurate as eager only for 32/64-bit data not far from zero (see above)."""
+    if x.dtype not in (torch.float32, torch.float64) or weight.numel() > x.numel():
         return False
     return bool((mean.abs() * rstd).max() <= FOLD_MAX_MEAN_OVER_STD)
 
@@ -93,7 +100,7 @@ def _norm_conv_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
         mean, var = mean_in, var_in
     scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
                                                     channels, x)
-    if _folds(x, mean_c, rstd):
+    if _folds(x, weight, mean_c, rstd):
         z = _conv.conv(x, _conv.scale_in_channels(weight, scale, groups), bias, stride,
                        padding, dilation, groups)
         border = _conv.conv(_shift_image(shift, x), weight, None, stride, padding, dilation,
@@ -110,8 +117,8 @@ def _norm_conv_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
     return z, mean, var
 
 
-norm_conv_forward = torch.library.custom_op("bnorder::norm_conv_forward", _norm_conv_forward_impl,
-                                    mutates_args=())
+norm_conv_forward = torch.library.custom_op("bnorder::norm_conv_forward",
+                                    _norm_conv_forward_impl, mutates_args=())
 
 
 @norm_conv_forward.register_fake
@@ -138,7 +145,7 @@ def _norm_conv_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weight: Tenso
     scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
                                                     channels, x)
     prims = _backend.primitives(x)
-    folds = _folds(x, mean_c, rstd)
+    folds = _folds(x, weight, mean_c, rstd)
     g_batch_sum = None
     if relu and folds and grad_mask[1]:
         # The border map's weight gradient needs Σ_n g_z: taken in the ReLU-mask pass.
@@ -167,13 +174,11 @@ def _norm_conv_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weight: Tenso
             sum_g, sum_gtc, scale, rstd, x.numel() // channels, batch_stats)
     dx = (prims.backward_apply(dnorm, x, mean_c, scale, shift, k1, k2, k3, RELU_NONE)
           if grad_mask[0] else None)
-    e = x.new_empty(0)
-    return (_conv.empty_like_or_none(dx, e), _conv.empty_like_or_none(dweight, e),
-            _conv.empty_like_or_none(dbias, e), dgamma, dbeta)
+    return _op.backward_outputs(x, dx, dweight, dbias, dgamma, dbeta)
 
 
-norm_conv_backward = torch.library.custom_op("bnorder::norm_conv_backward", _norm_conv_backward_impl,
-                                    mutates_args=())
+norm_conv_backward = torch.library.custom_op("bnorder::norm_conv_backward",
+                                    _norm_conv_backward_impl, mutates_args=())
 _norm_conv_backward_call = _op.eager_or_op(norm_conv_backward, _norm_conv_backward_impl)
 
 

@@ -349,9 +349,17 @@ def test_property_random_shapes(order, norm, training, channels_last, n, c_in, c
     eager = run_unit(reference_fn(order), case, tensors, torch.float32, grad_out)
     grad_scale = max([v.abs().max().item() for k, v in exp.items()
                       if k.startswith("d") and v is not None] + [1e-30])
+    # With M = 2 values per channel the normalized values are ±1 whatever the norm's input,
+    # so the gradients that flow back through the normalization (to x, and for the
+    # conv-first orders to the conv too) are exactly 0: only rounding noise, not compared.
+    noise_only = set()
+    if training and norm in ("bn", "bn-minus") and per_channel == 2:
+        noise_only = {"dx"} if order == "bn-conv-relu" else {"dx", "dweight", "dbias"}
     for key, value in exp.items():
         if value is None:
             assert got[key] is None
+            continue
+        if key in noise_only:
             continue
         err = (got[key].double() - value).abs().max().item()
         eager_err = (eager[key].double() - value).abs().max().item()

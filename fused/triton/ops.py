@@ -26,25 +26,16 @@ norm → conv (bn-conv-relu)
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from .. import _conv, _norm
+from .. import _conv, _norm, _op
 from ..reference import RELU_AFTER, RELU_BEFORE, RELU_NONE
 from . import _common, conv as C, primitives as P
 
 
 def _empty_stat(x: Tensor) -> Tensor:
     return x.new_empty(0, dtype=_common.acc_dtype(x))
-
-
-def _outputs(x: Tensor, dx: Optional[Tensor], dweight: Optional[Tensor],
-             dbias: Optional[Tensor], dgamma: Tensor, dbeta: Tensor):
-    e = x.new_empty(0)
-    return (_conv.empty_like_or_none(dx, e), _conv.empty_like_or_none(dweight, e),
-            _conv.empty_like_or_none(dbias, e), dgamma, dbeta)
 
 
 def conv_norm_forward(x, weight, bias, stride, padding, dilation, gamma, beta, mean_in,
@@ -90,8 +81,8 @@ def conv_norm_backward(grad, x, weight, bias, y, out, mean, var, gamma, beta, st
             dbias = (scale * sum_g).to(x.dtype)
         bias_c = bias.to(scale.dtype) if bias is not None else torch.zeros_like(scale)
         weighted = (wgrad_acc * weight.to(scale.dtype)).flatten(1).sum(1)
-        return _outputs(x, dx, dweight, dbias, rstd * (weighted + (bias_c - mean_c) * sum_g),
-                        sum_g)
+        dgamma = rstd * (weighted + (bias_c - mean_c) * sum_g)
+        return _op.backward_outputs(x, dx, dweight, dbias, dgamma, sum_g)
     grad = grad.contiguous(memory_format=_common.memory_format(y))
     sum_g, sum_gtc = P.backward_reduce(grad, y, mean_c, scale, shift, relu_mode)
     k1, k2, k3, dgamma, dbeta = _norm.backward_coefficients(sum_g, sum_gtc, scale, rstd,
@@ -104,7 +95,7 @@ def conv_norm_backward(grad, x, weight, bias, y, out, mean, var, gamma, beta, st
         dweight, db = C.conv_weight_grad(grad, x, weight, *geometry, **fused_dy)
         dbias = db.to(x.dtype) if grad_mask[2] else None
         dweight = dweight if grad_mask[1] else None
-    return _outputs(x, dx, dweight, dbias, dgamma, dbeta)
+    return _op.backward_outputs(x, dx, dweight, dbias, dgamma, dbeta)
 
 
 def norm_conv_forward(x, weight, bias, stride, padding, dilation, gamma, beta, mean_in,
@@ -140,4 +131,4 @@ def norm_conv_backward(grad, x, out, weight, mean, var, gamma, beta, stride, pad
                                                             x.numel() // channels, batch_stats)
     if grad_mask[0]:
         dx = P.backward_apply(dnorm, x, mean_c, scale, shift, k1, k2, k3, RELU_NONE)
-    return _outputs(x, dx, dweight, dbias, dgamma, dbeta)
+    return _op.backward_outputs(x, dx, dweight, dbias, dgamma, dbeta)
