@@ -298,6 +298,21 @@ void backward_apply_kernel(const scalar_t* g, const scalar_t* x, scalar_t* dx,
 // backward_reduce
 // ---------------------------------------------------------------------------------------
 
+// The backward sums of every thread, added per channel in double precision.
+template <typename acc_t>
+void sum_thread_partials(const std::vector<double>& t_g, const std::vector<double>& t_gt,
+                         int nthreads, int64_t C, acc_t* sum_g_out, acc_t* sum_gt_out) {
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (int t = 0; t < nthreads; ++t) {
+      a += t_g[t * C + c];
+      b += t_gt[t * C + c];
+    }
+    sum_g_out[c] = static_cast<acc_t>(a);
+    sum_gt_out[c] = static_cast<acc_t>(b);
+  }
+}
+
 // Memory order with per-thread per-channel sums, as stats_planes.
 template <typename scalar_t, typename acc_t, int Mode>
 void backward_reduce_planes(const scalar_t* g, const scalar_t* x, const Geometry& geo,
@@ -328,15 +343,7 @@ void backward_reduce_planes(const scalar_t* g, const scalar_t* x, const Geometry
       t_gt[tid * C + c] += sgt;
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double a = 0, b = 0;
-    for (int t = 0; t < nthreads; ++t) {
-      a += t_g[t * C + c];
-      b += t_gt[t * C + c];
-    }
-    sum_g_out[c] = static_cast<acc_t>(a);
-    sum_gt_out[c] = static_cast<acc_t>(b);
-  }
+  sum_thread_partials(t_g, t_gt, nthreads, C, sum_g_out, sum_gt_out);
 }
 
 template <typename scalar_t, typename acc_t, int Mode>
@@ -374,15 +381,7 @@ void backward_reduce_rows(const scalar_t* g, const scalar_t* x, const Geometry& 
       }
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double a = 0, b = 0;
-    for (int t = 0; t < nthreads; ++t) {
-      a += t_g[t * C + c];
-      b += t_gt[t * C + c];
-    }
-    sum_g_out[c] = static_cast<acc_t>(a);
-    sum_gt_out[c] = static_cast<acc_t>(b);
-  }
+  sum_thread_partials(t_g, t_gt, nthreads, C, sum_g_out, sum_gt_out);
 }
 
 // Dispatch on the ReLU placement: Mode becomes a compile-time constant in the loops.
