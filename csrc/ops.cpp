@@ -11,6 +11,15 @@ TORCH_LIBRARY(bnorder_cpu, m) {
         "Tensor k1, Tensor k2, Tensor k3, int relu_mode) -> Tensor");
   m.def("add_map_relu(Tensor z, Tensor map, bool relu) -> Tensor");
   m.def("relu_grad_batch_sum(Tensor grad, Tensor out) -> (Tensor grad_z, Tensor batch_sum)");
+  m.def("coefficients(Tensor? mean, Tensor? var, Tensor? gamma, Tensor? beta, float eps, "
+        "int norm, int channels, ScalarType acc) -> (Tensor scale, Tensor shift, "
+        "Tensor mean_c, Tensor rstd)");
+  m.def("norm_forward(Tensor t, Tensor? gamma, Tensor? beta, Tensor? mean_in, Tensor? var_in, "
+        "float eps, int norm, int relu_mode, bool apply) -> (Tensor out, Tensor mean, "
+        "Tensor var, Tensor scale, Tensor shift)");
+  m.def("norm_backward(Tensor g, Tensor t, Tensor? mean, Tensor? var, Tensor? gamma, "
+        "Tensor? beta, float eps, int norm, int relu_mode, bool batch_stats, "
+        "bool input_grad) -> (Tensor dt, Tensor dgamma, Tensor dbeta)");
 }
 
 TORCH_LIBRARY_IMPL(bnorder_cpu, CPU, m) {
@@ -20,6 +29,9 @@ TORCH_LIBRARY_IMPL(bnorder_cpu, CPU, m) {
   m.impl("backward_apply", &bnorder::backward_apply);
   m.impl("add_map_relu", &bnorder::add_map_relu);
   m.impl("relu_grad_batch_sum", &bnorder::relu_grad_batch_sum);
+  m.impl("norm_forward", &bnorder::norm_forward);
+  m.impl("norm_backward", &bnorder::norm_backward);
+  m.impl("coefficients", &bnorder::coefficients);
 }
 
 // An importable Python module: `from fused import _C` loads the library and runs the

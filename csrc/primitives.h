@@ -44,4 +44,22 @@ at::Tensor add_map_relu(const at::Tensor& z, const at::Tensor& map, bool apply_r
 
 std::tuple<at::Tensor, at::Tensor> relu_grad_batch_sum(const at::Tensor& g, const at::Tensor& out);
 
+// The norm around the primitives, one call per direction (norm.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coefficients(
+    const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& var,
+    const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta, double eps,
+    int64_t norm, int64_t channels, at::ScalarType acc);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward(
+    const at::Tensor& t, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, const c10::optional<at::Tensor>& mean_in,
+    const c10::optional<at::Tensor>& var_in, double eps, int64_t norm, int64_t relu_mode,
+    bool apply_norm);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
+    const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
+    const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
+    bool batch_stats, bool input_grad);
+
 }  // namespace bnorder

@@ -2,6 +2,7 @@
 in ATen/oneDNN on CPU: DESIGN §4)."""
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence
 
 import torch
@@ -71,3 +72,45 @@ def batch_sum(t: Tensor) -> Tensor:
         n, c, h, w = t.shape
         return t.permute(0, 2, 3, 1).reshape(n, -1).sum(0).view(1, h, w, c).permute(0, 3, 1, 2)
     return t.reshape(t.shape[0], -1).sum(0).view(1, *t.shape[1:])
+
+
+@functools.lru_cache(maxsize=256)
+def _inside(size: int, out_size: int, kernel: int, stride: int, padding: int, dilation: int,
+            dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(out_size, kernel): 1 where tap k of output position i reads inside an input axis of
+    `size` values, 0 where it reads the zero padding."""
+    pos = (torch.arange(out_size, device=device)[:, None] * stride - padding
+           + torch.arange(kernel, device=device)[None, :] * dilation)
+    return ((pos >= 0) & (pos < size)).to(dtype)
+
+
+def _insides(weight: Tensor, in_hw, out_hw, stride, padding, dilation, dtype):
+    return [_inside(int(in_hw[a]), int(out_hw[a]), weight.shape[2 + a], stride[a], padding[a],
+                    dilation[a], dtype, weight.device) for a in range(2)]
+
+
+def _per_group_input(shift: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """(out, in/groups): the value b_c of the input channel each weight entry reads."""
+    out_channels, per_group = weight.shape[:2]
+    return (shift.view(groups, 1, per_group).expand(groups, out_channels // groups, per_group)
+            .reshape(out_channels, per_group))
+
+
+def border_map(shift: Tensor, weight: Tensor, in_hw, out_hw, stride, padding, dilation,
+               groups: int) -> Tensor:
+    """conv(B, weight) for the image B holding shift[c] inside its borders and zero padding,
+    shape (1, out, H_out, W_out), computed separably (see bn_conv_relu)."""
+    inside_h, inside_w = _insides(weight, in_hw, out_hw, stride, padding, dilation, shift.dtype)
+    v = (weight.to(shift.dtype) * _per_group_input(shift, weight, groups)[:, :, None, None]).sum(1)
+    return (inside_h @ (v @ inside_w.T)).unsqueeze(0)
+
+
+def border_map_weight_grad(shift: Tensor, grad_sum: Tensor, weight: Tensor, in_hw, stride,
+                           padding, dilation, groups: int) -> Tensor:
+    """The weight gradient of border_map for the batch-summed output gradient grad_sum
+    (1, out, H_out, W_out), in weight's dtype."""
+    inside_h, inside_w = _insides(weight, in_hw, grad_sum.shape[2:], stride, padding,
+                                  dilation, shift.dtype)
+    u = inside_h.T @ grad_sum[0].to(shift.dtype) @ inside_w  # (out, kH, kW)
+    return (_per_group_input(shift, weight, groups)[:, :, None, None]
+            * u[:, None]).to(weight.dtype)

@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _backend, _conv, _norm, _op, sync as _sync
+from . import _backend, _conv, _norm, _op
 from .reference import RELU_AFTER, RELU_BEFORE
 
 
@@ -52,7 +52,6 @@ def _conv_norm_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, y, batch mean, batch var); y, mean, var are empty where not used.
     sync: a fused.sync key; batch statistics are then those of the whole group."""
-    channels = weight.shape[0]
     batch_stats = norm != "affine" and mean_in is None
     # Synchronized statistics run on the ATen convolution (the Triton one has no hook yet).
     if sync < 0 and _backend.conv_impl(x, weight, groups) == "triton":
@@ -60,28 +59,19 @@ def _conv_norm_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
         return triton_ops.conv_norm_forward(x, weight, bias, stride, padding, dilation, gamma,
                                             beta, mean_in, var_in, eps, norm, relu_mode,
                                             _folds(batch_stats, relu_mode))
-    empty = x.new_empty(0, dtype=_acc(x))
     if _folds(batch_stats, relu_mode):
         scale, shift, _, _ = _norm.coefficients(norm, mean_in, var_in, gamma, beta, eps,
-                                                channels, x)
+                                                weight.shape[0], x)
         folded_bias = shift if bias is None else bias.to(scale.dtype) * scale + shift
         out = _conv.conv(x, _conv.scale_out_channels(weight, scale), folded_bias.to(x.dtype),
                          stride, padding, dilation, groups)
         if relu_mode == RELU_AFTER:
             out.relu_()
+        empty = x.new_empty(0, dtype=_acc(x))
         return out, x.new_empty(0), empty, empty.clone()
     y = _conv.conv(x, weight, bias, stride, padding, dilation, groups)
-    prims = _backend.primitives(y)
-    if batch_stats:
-        mean, var = prims.stats(y, relu_mode)
-        if sync >= 0:
-            mean, var = _sync.merge_stats(sync, mean, var, y.numel() // channels)
-    else:
-        mean, var = mean_in, var_in
-    scale, shift, _, _ = _norm.coefficients(norm, mean, var, gamma, beta, eps, channels, x)
-    out = prims.apply(y, scale, shift, relu_mode)
-    if not batch_stats:
-        mean, var = empty, empty.clone()
+    out, mean, var, _, _ = _norm.forward(_backend.primitives(y), y, gamma, beta, mean_in,
+                                         var_in, eps, norm, relu_mode, True, sync)
     return out, y, mean, var
 
 
@@ -113,11 +103,10 @@ def _conv_norm_backward_impl(grad: Tensor, x: Tensor, weight: Tensor, bias: Opti
                                              beta, stride, padding, dilation, eps, norm,
                                              relu_mode, batch_stats, grad_mask,
                                              _folds(batch_stats, relu_mode))
-    channels = weight.shape[0]
-    scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
-                                                    channels, x)
     conv_mask = grad_mask[:3]
     if _folds(batch_stats, relu_mode):
+        scale, _, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
+                                                    weight.shape[0], x)
         g = (torch.ops.aten.threshold_backward(grad, out, 0) if relu_mode == RELU_AFTER
              else grad)
         dx, wgrad, sum_g = _conv.conv_backward(
@@ -132,17 +121,9 @@ def _conv_norm_backward_impl(grad: Tensor, x: Tensor, weight: Tensor, bias: Opti
         dgamma = rstd * (weighted + (bias_c - mean_c) * sum_g)
         dbeta = sum_g
     else:
-        prims = _backend.primitives(y)
         grad = grad.contiguous(memory_format=_conv.memory_format_of(y))
-        sum_g, sum_gtc = prims.backward_reduce(grad, y, mean_c, scale, shift, relu_mode)
-        count = y.numel() // channels
-        if sync >= 0 and batch_stats:
-            k1, k2, k3, dgamma, dbeta = _sync.backward_coefficients(sync, sum_g, sum_gtc,
-                                                                    scale, rstd, count)
-        else:
-            k1, k2, k3, dgamma, dbeta = _norm.backward_coefficients(sum_g, sum_gtc, scale,
-                                                                    rstd, count, batch_stats)
-        dy = prims.backward_apply(grad, y, mean_c, scale, shift, k1, k2, k3, relu_mode)
+        dy, dgamma, dbeta = _norm.backward(_backend.primitives(y), grad, y, mean, var, gamma,
+                                           beta, eps, norm, relu_mode, batch_stats, True, sync)
         dx, dweight, dbias = _conv.conv_backward(dy, x, weight, stride, padding, dilation,
                                                  groups, conv_mask)
     return _op.backward_outputs(x, dx, dweight, dbias, dgamma, dbeta)

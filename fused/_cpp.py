@@ -41,6 +41,23 @@ def relu_grad_batch_sum(g: Tensor, out: Tensor):
     return _ops.relu_grad_batch_sum(g, out)
 
 
+# The norm around the primitives in one call each (csrc/norm.cpp; _norm.forward/backward
+# compose the same steps in torch ops for the other backends).
+def coefficients(mean, var, gamma, beta, eps: float, norm_code: int, channels: int, acc):
+    return _ops.coefficients(mean, var, gamma, beta, eps, norm_code, channels, acc)
+
+
+def norm_forward(t: Tensor, gamma, beta, mean_in, var_in, eps: float, norm_code: int,
+                 relu_mode: int, apply: bool):
+    return _ops.norm_forward(t, gamma, beta, mean_in, var_in, eps, norm_code, relu_mode, apply)
+
+
+def norm_backward(g: Tensor, t: Tensor, mean, var, gamma, beta, eps: float, norm_code: int,
+                  relu_mode: int, batch_stats: bool, input_grad: bool):
+    return _ops.norm_backward(g, t, mean, var, gamma, beta, eps, norm_code, relu_mode,
+                              batch_stats, input_grad)
+
+
 if _ext.loaded:
     @torch.library.register_fake("bnorder_cpu::stats")
     def _(t, relu_mode):
@@ -63,6 +80,25 @@ if _ext.loaded:
     @torch.library.register_fake("bnorder_cpu::add_map_relu")
     def _(z, map, relu):
         return torch.empty_like(z)
+
+    @torch.library.register_fake("bnorder_cpu::coefficients")
+    def _(mean, var, gamma, beta, eps, norm, channels, acc):
+        like = mean if mean is not None else gamma
+        return tuple(like.new_empty(channels, dtype=acc) for _ in range(4))
+
+    @torch.library.register_fake("bnorder_cpu::norm_forward")
+    def _(t, gamma, beta, mean_in, var_in, eps, norm, relu_mode, apply):
+        c = t.shape[1]
+        stat = 0 if norm == 2 or mean_in is not None else c
+        return (torch.empty_like(t) if apply else t.new_empty(0),
+                t.new_empty(stat, dtype=_acc(t)), t.new_empty(stat, dtype=_acc(t)),
+                t.new_empty(c, dtype=_acc(t)), t.new_empty(c, dtype=_acc(t)))
+
+    @torch.library.register_fake("bnorder_cpu::norm_backward")
+    def _(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats, input_grad):
+        c = t.shape[1]
+        return (torch.empty_like(t) if input_grad else t.new_empty(0),
+                t.new_empty(c, dtype=_acc(t)), t.new_empty(c, dtype=_acc(t)))
 
     @torch.library.register_fake("bnorder_cpu::relu_grad_batch_sum")
     def _(g, out):

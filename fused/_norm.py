@@ -21,6 +21,12 @@ backward, with g' the gradient at the norm's output (ReLU mask applied) and t̂ 
 
 ``backward_apply`` evaluates the last line, so one formula serves training, eval, bn,
 bn-minus and affine alike.
+
+`forward` and `backward` compose the primitives with this algebra, once for every order and
+backend. A backend may supply the whole composition as one call (the C++ backend does, in
+csrc/norm.cpp: the per-channel algebra in between is then a loop over C values instead of
+a dozen tensor ops of a few microseconds each); synchronized BN always takes the composed
+path, since its statistics and sums are merged across processes between the passes.
 """
 from __future__ import annotations
 
@@ -43,14 +49,22 @@ def rstd_of(var: Tensor, eps: float) -> Tensor:
     return (var + eps).rsqrt_()
 
 
+def acc_dtype(t: Tensor) -> torch.dtype:
+    """The accumulation dtype of the statistics and coefficients for activations t."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def coefficients(norm: str, mean: Optional[Tensor], var: Optional[Tensor],
                  gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
-                 channels: int, like: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(scale, shift, mean, rstd) as float32/float64 per-channel vectors.
+                 channels: int, like: Tensor, prims=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(scale, shift, mean, rstd) as float32/float64 per-channel vectors, computed by
+    `prims` when that backend has its own `coefficients`.
 
     For the affine norm mean = 0 and rstd = 1, so that the same backward formula gives
     dgamma = Σg'·t."""
-    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(like)
+    if prims is not None and hasattr(prims, "coefficients"):
+        return prims.coefficients(mean, var, gamma, beta, eps, NORM_CODES[norm], channels, acc)
     if norm == "affine":
         scale = gamma.to(acc)
         shift = beta.to(acc)
@@ -80,6 +94,60 @@ def backward_coefficients(sum_g: Tensor, sum_gtc: Tensor, scale: Tensor, rstd: T
     k2 = (scale * rstd).mul_(dgamma).mul_(-1.0 / count)
     k3 = (scale * sum_g).mul_(-1.0 / count)
     return scale, k2, k3, dgamma, dbeta
+
+
+def forward(prims, t: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+            mean_in: Optional[Tensor], var_in: Optional[Tensor], eps: float, norm: str,
+            relu_mode: int, apply: bool, sync: int = -1):
+    """(out, mean, var, scale, shift): the norm of t with the ReLU placed by relu_mode.
+
+    Batch statistics unless running ones are given (mean_in/var_in) or the norm is affine;
+    mean and var are the batch statistics, empty when none were taken. out is empty unless
+    `apply` (bn-conv-relu folds the norm into its convolution and needs only s and b).
+    sync: a fused.sync key; the statistics are then those of the whole group."""
+    if sync < 0 and hasattr(prims, "norm_forward"):
+        return prims.norm_forward(t, gamma, beta, mean_in, var_in, eps, NORM_CODES[norm],
+                                  relu_mode, apply)
+    channels = t.shape[1]
+    batch_stats = norm != "affine" and mean_in is None
+    if batch_stats:
+        mean, var = prims.stats(t, relu_mode)
+        if sync >= 0:
+            from . import sync as _sync
+            mean, var = _sync.merge_stats(sync, mean, var, t.numel() // channels)
+    else:
+        mean, var = mean_in, var_in
+    scale, shift, _, _ = coefficients(norm, mean, var, gamma, beta, eps, channels, t)
+    out = prims.apply(t, scale, shift, relu_mode) if apply else t.new_empty(0)
+    if not batch_stats:
+        mean, var = t.new_empty(0, dtype=acc_dtype(t)), t.new_empty(0, dtype=acc_dtype(t))
+    return out, mean, var, scale, shift
+
+
+def backward(prims, g: Tensor, t: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
+             gamma: Optional[Tensor], beta: Optional[Tensor], eps: float, norm: str,
+             relu_mode: int, batch_stats: bool, input_grad: bool, sync: int = -1):
+    """(dt, dgamma, dbeta) for the gradient g at the output of `forward`; dt is None unless
+    `input_grad`. mean and var: the statistics the forward normalized with."""
+    if sync < 0 and hasattr(prims, "norm_backward"):
+        dt, dgamma, dbeta = prims.norm_backward(g, t, mean, var, gamma, beta, eps,
+                                                NORM_CODES[norm], relu_mode, batch_stats,
+                                                input_grad)
+        return (dt if input_grad else None), dgamma, dbeta
+    channels = t.shape[1]
+    scale, shift, mean_c, rstd = coefficients(norm, mean, var, gamma, beta, eps, channels, t)
+    sum_g, sum_gtc = prims.backward_reduce(g, t, mean_c, scale, shift, relu_mode)
+    count = t.numel() // channels
+    if sync >= 0 and batch_stats:
+        from . import sync as _sync
+        k1, k2, k3, dgamma, dbeta = _sync.backward_coefficients(sync, sum_g, sum_gtc, scale,
+                                                                rstd, count)
+    else:
+        k1, k2, k3, dgamma, dbeta = backward_coefficients(sum_g, sum_gtc, scale, rstd, count,
+                                                          batch_stats)
+    dt = (prims.backward_apply(g, t, mean_c, scale, shift, k1, k2, k3, relu_mode)
+          if input_grad else None)
+    return dt, dgamma, dbeta
 
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],

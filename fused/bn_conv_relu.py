@@ -5,8 +5,16 @@ Forward. With norm(x) = x·s_c + b_c and zero padding applied *after* the norm,
     conv(norm(x), W) = conv(x, W·s) + conv(B, W)
 
 where W·s scales each weight by the scale of the input channel it reads and B is the
-1×C×H×W image holding b_c (the padding stays 0). conv(B, W) is one single-image
-convolution broadcast over the batch, 1/N of the main convolution's work:
+1×C×H×W image holding b_c (the padding stays 0). The border map conv(B, W) is one image,
+broadcast over the batch. B is constant inside its borders, so the map needs no
+convolution: tap (k, l) of output pixel (i, j) reads inside the image or in the padding,
+independently along each axis, and
+
+    conv(B, W)[o, i, j] = Σ_{k,l} v[o, k, l]·inside_h[i, k]·inside_w[j, l]
+    v[o, k, l] = Σ_c W[o, c, k, l]·b_c
+
+two small matrix products (_conv.border_map), where a batch-1 convolution would take
+ATen's slow path:
 
     mean, var = stats(x)                      one read of x (training only)
     z = conv(x, W·s, bias) + conv(B, W)       the norm costs no pass over any activation
@@ -18,7 +26,8 @@ input, so it is stored anyway).
 Backward, g_z = g·[a > 0]:
 
     dn, G, dbias = conv_backward(g_z, x, W)          dn = ∂L/∂norm(x), G = wgrad(x, g_z)
-    dW = s·G + wgrad(B, Σ_n g_z)                     the B term is again a single image
+    dW = s·G + wgrad(B, Σ_n g_z)                     the border map's term:
+    wgrad(B, Σ_n g_z)[o, c, k, l] = b_c·Σ_{i,j} Σ_n g_z[o, i, j]·inside_h[i, k]·inside_w[j, l]
     Σdn, Σdn·(x − mean) = backward_reduce(dn, x)
     dx = backward_apply(dn, x)                       coefficients as in _norm
 
@@ -42,7 +51,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _backend, _conv, _norm, _op, _unit, sync as _sync
+from . import _backend, _conv, _norm, _op, _unit
 from .reference import RELU_NONE
 
 
@@ -53,7 +62,8 @@ def _acc(x: Tensor) -> torch.dtype:
 FOLD_MAX_MEAN_OVER_STD = 100.0
 
 
-def _folds(x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> bool:
+def _folds(x: Tensor, weight: Tensor, norm: str, mean: Optional[Tensor],
+           var: Optional[Tensor], eps: float) -> bool:
     """Whether to use conv(x, W·s) + conv(B, W) rather than conv(norm(x), W).
 
     The fold rescales the weight (forward) and its gradient (backward) instead of writing
@@ -62,19 +72,15 @@ def _folds(x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> bool:
     accurate as eager only for 32/64-bit data not far from zero (see above)."""
     if x.dtype not in (torch.float32, torch.float64) or weight.numel() > x.numel():
         return False
-    return bool((mean.abs() * rstd).max() <= FOLD_MAX_MEAN_OVER_STD)
+    if norm == "affine":  # mean 0, std 1
+        return True
+    # |mean|·rstd <= limit, without the square root; NaN statistics do not fold.
+    return bool((mean.square() <= (var + eps) * FOLD_MAX_MEAN_OVER_STD ** 2).all())
 
 
 def _border_ops(prims):
     """The backend's add_map_relu / relu_grad_batch_sum, or the torch reference."""
     return prims if hasattr(prims, "add_map_relu") else _backend.primitives_reference()
-
-
-def _shift_image(shift: Tensor, x: Tensor) -> Tensor:
-    """B: b_c everywhere inside the borders of one image (padding stays zero), in x's
-    memory format so that ATen picks the same (oneDNN) convolution as for x."""
-    return shift.to(x.dtype).view(1, -1, 1, 1).expand(1, *x.shape[1:]).contiguous(
-        memory_format=_conv.memory_format_of(x))
 
 
 def _norm_conv_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
@@ -89,31 +95,22 @@ def _norm_conv_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
         from .triton import ops as triton_ops
         return triton_ops.norm_conv_forward(x, weight, bias, stride, padding, dilation, gamma,
                                             beta, mean_in, var_in, eps, norm, relu)
-    channels = x.shape[1]
     batch_stats = norm != "affine" and mean_in is None
     prims = _backend.primitives(x)
-    if batch_stats:
-        mean, var = prims.stats(x, RELU_NONE)
-        if sync >= 0:
-            mean, var = _sync.merge_stats(sync, mean, var, x.numel() // channels)
-    else:
-        mean, var = mean_in, var_in
-    scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
-                                                    channels, x)
-    if _folds(x, weight, mean_c, rstd):
+    _, mean, var, scale, shift = _norm.forward(prims, x, gamma, beta, mean_in, var_in, eps,
+                                               norm, RELU_NONE, False, sync)
+    used = (mean, var) if batch_stats else (mean_in, var_in)
+    if _folds(x, weight, norm, *used, eps):
         z = _conv.conv(x, _conv.scale_in_channels(weight, scale, groups), bias, stride,
                        padding, dilation, groups)
-        border = _conv.conv(_shift_image(shift, x), weight, None, stride, padding, dilation,
-                            groups)
+        border = _conv.border_map(shift, weight, x.shape[2:], z.shape[2:], stride, padding,
+                                  dilation, groups)
         z = _border_ops(prims).add_map_relu(z, border.to(z.dtype), relu)  # one pass
     else:
         z = _conv.conv(prims.apply(x, scale, shift, RELU_NONE), weight, bias, stride, padding,
                        dilation, groups)
         if relu:
             z.relu_()
-    if not batch_stats:
-        empty = x.new_empty(0, dtype=_acc(x))
-        mean, var = empty, empty.clone()
     return z, mean, var
 
 
@@ -141,11 +138,10 @@ def _norm_conv_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weight: Tenso
         return triton_ops.norm_conv_backward(grad, x, out, weight, mean, var, gamma, beta,
                                              stride, padding, dilation, eps, norm, relu,
                                              batch_stats, grad_mask)
-    channels = x.shape[1]
-    scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
-                                                    channels, x)
     prims = _backend.primitives(x)
-    folds = _folds(x, weight, mean_c, rstd)
+    scale, shift, _, _ = _norm.coefficients(norm, mean, var, gamma, beta, eps, x.shape[1], x,
+                                            prims)
+    folds = _folds(x, weight, norm, mean, var, eps)
     g_batch_sum = None
     if relu and folds and grad_mask[1]:
         # The border map's weight gradient needs Σ_n g_z: taken in the ReLU-mask pass.
@@ -159,21 +155,13 @@ def _norm_conv_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weight: Tenso
                                                 [True, grad_mask[1], grad_mask[2]])
     dnorm = dnorm.contiguous(memory_format=_conv.memory_format_of(x))
     if folds and grad_mask[1]:
-        shift_image = _shift_image(shift, x)
         if g_batch_sum is None:
             g_batch_sum = _conv.batch_sum(g)
-        border = _conv.conv_backward(g_batch_sum, shift_image, weight, stride,
-                                     padding, dilation, groups, [False, True, False])[1]
+        border = _conv.border_map_weight_grad(shift, g_batch_sum, weight, x.shape[2:],
+                                              stride, padding, dilation, groups)
         dweight = _conv.scale_in_channels(dweight, scale, groups) + border
-    sum_g, sum_gtc = prims.backward_reduce(dnorm, x, mean_c, scale, shift, RELU_NONE)
-    if sync >= 0 and batch_stats:
-        k1, k2, k3, dgamma, dbeta = _sync.backward_coefficients(sync, sum_g, sum_gtc, scale,
-                                                                rstd, x.numel() // channels)
-    else:
-        k1, k2, k3, dgamma, dbeta = _norm.backward_coefficients(
-            sum_g, sum_gtc, scale, rstd, x.numel() // channels, batch_stats)
-    dx = (prims.backward_apply(dnorm, x, mean_c, scale, shift, k1, k2, k3, RELU_NONE)
-          if grad_mask[0] else None)
+    dx, dgamma, dbeta = _norm.backward(prims, dnorm, x, mean, var, gamma, beta, eps, norm,
+                                       RELU_NONE, batch_stats, grad_mask[0], sync)
     return _op.backward_outputs(x, dx, dweight, dbias, dgamma, dbeta)
 
 

@@ -261,6 +261,69 @@ def test_opcheck_unit_ops(sample):
 
 
 @pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
+@pytest.mark.parametrize("geometry", [
+    # (C_in, C_out, groups, H, W, kH, kW, stride, padding, dilation)
+    (3, 4, 1, 7, 9, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (4, 6, 2, 8, 5, 3, 2, (2, 1), (2, 0), (1, 2)),
+    (6, 6, 3, 5, 5, 5, 5, (1, 2), (3, 1), (1, 1)),
+    (2, 3, 1, 1, 1, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (5, 2, 1, 6, 6, 1, 1, (2, 2), (0, 0), (1, 1)),
+], ids=["3x3", "groups-stride-dilation", "5x5-wide-pad", "1px", "1x1-stride2"])
+def test_border_map_equals_convolution_of_the_shift_image(geometry):
+    """bn-conv-relu's border map and its weight gradient, computed separably, against the
+    convolution of the image holding b_c inside its borders (float64)."""
+    from fused import _conv
+    cin, cout, groups, h, w, kh, kw, stride, padding, dilation = geometry
+    shift = torch.randn(cin, dtype=torch.float64)
+    weight = torch.randn(cout, cin // groups, kh, kw, dtype=torch.float64, requires_grad=True)
+    image = shift.view(1, -1, 1, 1).expand(1, cin, h, w)
+    expected = torch.nn.functional.conv2d(image, weight, None, stride, padding, dilation, groups)
+    actual = _conv.border_map(shift, weight, (h, w), expected.shape[2:], stride, padding,
+                              dilation, groups)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    grad_sum = torch.randn_like(expected)
+    (expected_wgrad,) = torch.autograd.grad(expected, weight, grad_sum)
+    actual_wgrad = _conv.border_map_weight_grad(shift, grad_sum, weight, (h, w), stride,
+                                                padding, dilation, groups)
+    torch.testing.assert_close(actual_wgrad, expected_wgrad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["bn", "bn-minus", "affine"])
+def test_cpp_norm_composites_match_torch_composition(norm, dtype, channels_last):
+    """csrc/norm.cpp (one call per direction) against _norm.forward/backward composed from
+    the same C++ primitives with torch ops in between: the two must agree to rounding."""
+    from fused import _cpp, _norm
+    from types import SimpleNamespace
+    composed = SimpleNamespace(stats=_cpp.stats, apply=_cpp.apply,
+                               backward_reduce=_cpp.backward_reduce,
+                               backward_apply=_cpp.backward_apply)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    t = (torch.randn(4, 5, 6, 7) * 3 + 1).to(dtype).contiguous(memory_format=fmt)
+    g = torch.randn_like(t)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gamma, beta = torch.rand(5, dtype=acc) + 0.5, torch.randn(5, dtype=acc)
+    running = (torch.randn(5, dtype=acc), torch.rand(5, dtype=acc) + 0.5)
+    params = (None, None) if norm == "bn-minus" else (gamma, beta)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    for relu_mode in (0, 1, 2):
+        for stats_in in ((None, None), running):
+            batch_stats = norm != "affine" and stats_in[0] is None
+            results = []
+            for prims in (_cpp, composed):
+                out, mean, var, scale, shift = _norm.forward(prims, t, *params, *stats_in, 1e-5,
+                                                             norm, relu_mode, True)
+                used = (mean, var) if batch_stats else stats_in
+                dt, dgamma, dbeta = _norm.backward(prims, g, t, *used, *params, 1e-5, norm,
+                                                   relu_mode, batch_stats, True)
+                results.append((out, mean, var, scale, shift, dt, dgamma, dbeta))
+            for name, a, b in zip("out mean var scale shift dt dgamma dbeta".split(), *results):
+                torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+            assert results[0][0].is_contiguous(memory_format=fmt)
+
+
 def test_opcheck_cpp_primitives():
     t = torch.randn(3, 4, 5, 5)
     g = torch.randn_like(t)
@@ -275,6 +338,15 @@ def test_opcheck_cpp_primitives():
         z, out = (torch.randn(3, 4, 5, 5).contiguous(memory_format=fmt) for _ in range(2))
         torch.library.opcheck(ops.add_map_relu, (z, torch.randn(1, 4, 5, 5), True))
         torch.library.opcheck(ops.relu_grad_batch_sum, (z, out))
+    gamma, beta = torch.rand(4) + 0.5, torch.randn(4)
+    mean, var = ops.stats(t, 0)
+    for norm, params in ((0, (gamma, beta)), (1, (None, None)), (2, (gamma, beta))):
+        torch.library.opcheck(ops.coefficients, (mean, var, *params, 1e-5, norm, 4,
+                                                 torch.float32))
+        for stats_in in ((None, None), (mean, var)):
+            torch.library.opcheck(ops.norm_forward, (t, *params, *stats_in, 1e-5, norm, 1, True))
+        torch.library.opcheck(ops.norm_backward, (g, t, mean, var, *params, 1e-5, norm, 2, True,
+                                                  True))
 
 
 @pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")

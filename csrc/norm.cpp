@@ -1,0 +1,164 @@
+// The norm around the four primitives, one call per direction (fused/_norm.py has the
+// algebra and the same composition in torch ops for the other backends):
+//
+//   coefficients   mean, var, gamma, beta        -> s_c, b_c, mean_c, rstd_c
+//   norm_forward   t                             -> apply(t)      (stats, coefficients, apply)
+//   norm_backward  g, t                          -> dt, dgamma, dbeta
+//                                                   (backward_reduce, k1..k3, backward_apply)
+//
+// Why in C++: composed in Python, the per-channel algebra between the passes is a dozen tiny
+// tensor ops per unit and direction, each a few microseconds of dispatch. At ResNet-20's
+// small layers that overhead cost as much as a pass over the activation; here it is a loop
+// over C values.
+#include "primitives.h"
+
+#include <cmath>
+
+namespace bnorder {
+namespace {
+
+constexpr int64_t NORM_BN = 0, NORM_BN_MINUS = 1, NORM_AFFINE = 2;
+
+void check_norm_code(int64_t norm, const char* op) {
+  TORCH_CHECK(norm >= NORM_BN && norm <= NORM_AFFINE, op,
+              ": norm must be 0 (bn), 1 (bn-minus) or 2 (affine), got ", norm);
+}
+
+// A per-channel vector as a contiguous tensor of the accumulation dtype: v itself for the
+// float32/float64 parameters and statistics of the usual models, unless `copy` (values
+// returned as outputs: an op's outputs may not alias its inputs).
+at::Tensor channel_vector(const c10::optional<at::Tensor>& v, const char* name, int64_t C,
+                          at::ScalarType acc, const char* op, bool copy = false) {
+  TORCH_CHECK(v.has_value() && v->defined(), op, ": ", name, " is required for this norm");
+  TORCH_CHECK(v->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", v->device());
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == C, op, ": ", name, " must have shape (", C,
+              ",), got ", v->sizes());
+  return copy ? v->to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous()
+              : v->to(acc).contiguous();
+}
+
+struct Coefficients {
+  at::Tensor scale, shift, mean, rstd;
+};
+
+// bn: s = gamma·rstd, b = beta − mean·s; bn-minus: s = rstd, b = −mean·s;
+// affine: s = gamma, b = beta, with mean = 0 and rstd = 1 so that one backward formula
+// serves all three (see _norm.py).
+Coefficients coefficients_of(const c10::optional<at::Tensor>& mean,
+                             const c10::optional<at::Tensor>& var,
+                             const c10::optional<at::Tensor>& gamma,
+                             const c10::optional<at::Tensor>& beta, double eps, int64_t norm,
+                             int64_t C, at::ScalarType acc, const char* op) {
+  check_norm_code(norm, op);
+  const auto options = at::TensorOptions().dtype(acc);
+  Coefficients k;
+  if (norm == NORM_AFFINE) {
+    k.scale = channel_vector(gamma, "gamma", C, acc, op, /*copy=*/true);
+    k.shift = channel_vector(beta, "beta", C, acc, op, /*copy=*/true);
+    k.mean = at::zeros({C}, options);
+    k.rstd = at::ones({C}, options);
+    return k;
+  }
+  k.mean = channel_vector(mean, "mean", C, acc, op, /*copy=*/true);
+  const at::Tensor v = channel_vector(var, "var", C, acc, op);
+  const at::Tensor g = norm == NORM_BN ? channel_vector(gamma, "gamma", C, acc, op) : at::Tensor();
+  const at::Tensor b = norm == NORM_BN ? channel_vector(beta, "beta", C, acc, op) : at::Tensor();
+  k.scale = at::empty({C}, options);
+  k.shift = at::empty({C}, options);
+  k.rstd = at::empty({C}, options);
+  AT_DISPATCH_FLOATING_TYPES(acc, "bnorder_coefficients", [&] {
+    const scalar_t* m = k.mean.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    scalar_t *s = k.scale.mutable_data_ptr<scalar_t>(), *sh = k.shift.mutable_data_ptr<scalar_t>(),
+             *r = k.rstd.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      r[c] = scalar_t(1) / std::sqrt(vp[c] + static_cast<scalar_t>(eps));
+      s[c] = norm == NORM_BN ? r[c] * g.const_data_ptr<scalar_t>()[c] : r[c];
+      sh[c] = (norm == NORM_BN ? b.const_data_ptr<scalar_t>()[c] : scalar_t(0)) - m[c] * s[c];
+    }
+  });
+  return k;
+}
+
+at::ScalarType acc_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coefficients(
+    const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& var,
+    const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta, double eps,
+    int64_t norm, int64_t channels, at::ScalarType acc) {
+  const char* op = "bnorder_cpu::coefficients";
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, op,
+              ": the accumulation dtype must be float32 or float64, got ", acc);
+  Coefficients k = coefficients_of(mean, var, gamma, beta, eps, norm, channels, acc, op);
+  return {k.scale, k.shift, k.mean, k.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward(
+    const at::Tensor& t, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, const c10::optional<at::Tensor>& mean_in,
+    const c10::optional<at::Tensor>& var_in, double eps, int64_t norm, int64_t relu_mode,
+    bool apply_norm) {
+  const char* op = "bnorder_cpu::norm_forward";
+  check_norm_code(norm, op);
+  TORCH_CHECK(t.dim() >= 2, op, ": expected a tensor with a channel dimension, got ", t.dim(),
+              "-D input");
+  const bool batch_stats = norm != NORM_AFFINE && !(mean_in.has_value() && mean_in->defined());
+  const auto acc = acc_of(t);
+  at::Tensor mean, var;
+  if (batch_stats) {
+    std::tie(mean, var) = stats(t, relu_mode);
+  }
+  Coefficients k = batch_stats
+      ? coefficients_of(mean, var, gamma, beta, eps, norm, t.size(1), acc, op)
+      : coefficients_of(mean_in, var_in, gamma, beta, eps, norm, t.size(1), acc, op);
+  at::Tensor out = apply_norm ? apply(t, k.scale, k.shift, relu_mode) : t.new_empty({0});
+  if (!batch_stats) {
+    mean = at::empty({0}, t.options().dtype(acc));
+    var = at::empty({0}, t.options().dtype(acc));
+  }
+  return {out, mean, var, k.scale, k.shift};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
+    const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
+    const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
+    bool batch_stats, bool input_grad) {
+  const char* op = "bnorder_cpu::norm_backward";
+  TORCH_CHECK(t.dim() >= 2, op, ": expected a tensor with a channel dimension, got ", t.dim(),
+              "-D input");
+  const int64_t C = t.size(1);
+  const auto acc = acc_of(t);
+  Coefficients k = coefficients_of(mean, var, gamma, beta, eps, norm, C, acc, op);
+  auto [sum_g, sum_gt] = backward_reduce(g, t, k.mean, k.scale, k.shift, relu_mode);
+  // dgamma = rstd·Σg'(t − mean); with batch statistics the mean and variance depend on t:
+  // k2 = −s·rstd·dgamma/M, k3 = −s·Σg'/M; with fixed statistics k2 = k3 = 0.
+  auto dgamma = at::empty({C}, sum_g.options());
+  auto k2 = at::zeros({C}, sum_g.options());
+  auto k3 = at::zeros({C}, sum_g.options());
+  const int64_t count = C > 0 ? t.numel() / C : 0;
+  AT_DISPATCH_FLOATING_TYPES(acc, "bnorder_norm_backward", [&] {
+    const scalar_t *s = k.scale.const_data_ptr<scalar_t>(), *r = k.rstd.const_data_ptr<scalar_t>(),
+                   *sg = sum_g.const_data_ptr<scalar_t>(), *sgt = sum_gt.const_data_ptr<scalar_t>();
+    scalar_t *dg = dgamma.mutable_data_ptr<scalar_t>(), *p2 = k2.mutable_data_ptr<scalar_t>(),
+             *p3 = k3.mutable_data_ptr<scalar_t>();
+    const scalar_t inv_m = count > 0 ? scalar_t(-1) / static_cast<scalar_t>(count) : scalar_t(0);
+    for (int64_t c = 0; c < C; ++c) {
+      dg[c] = sgt[c] * r[c];
+      if (batch_stats) {
+        p2[c] = s[c] * r[c] * dg[c] * inv_m;
+        p3[c] = s[c] * sg[c] * inv_m;
+      }
+    }
+  });
+  at::Tensor dt = input_grad
+      ? backward_apply(g, t, k.mean, k.scale, k.shift, k.scale, k2, k3, relu_mode)
+      : t.new_empty({0});
+  return {dt, dgamma, sum_g};
+}
+
+}  // namespace bnorder
