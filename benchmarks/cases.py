@@ -314,11 +314,17 @@ def unit_configs(quick: bool = False, wide: bool = False) -> List[tuple]:
     return configs
 
 
-def network_configs(quick: bool = False) -> List[tuple]:
-    """(network, order, batch) of the network suites."""
+# Networks also timed in channels_last by the full suite (NCHW is always timed).
+CHANNELS_LAST_NETWORKS = ("resnet20",)
+
+
+def network_configs(quick: bool = False, formats=("nchw", "nhwc")) -> List[tuple]:
+    """(network, order, batch, memory format) of the network suites."""
     if quick:
-        return [("resnet20", "conv-bn-relu", QUICK_NETWORK_BATCH)]
-    return [(net, order, BATCH) for net in NETWORKS for order in fused.ORDERS]
+        return [("resnet20", "conv-bn-relu", QUICK_NETWORK_BATCH, "nchw")]
+    return [(net, order, BATCH, fmt) for net in NETWORKS for fmt in formats
+            for order in fused.ORDERS
+            if fmt == "nchw" or net in CHANNELS_LAST_NETWORKS]
 
 
 def _memory(module: nn.Module, forward: Callable[[], object], step: Callable[[], object],

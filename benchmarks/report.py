@@ -60,12 +60,12 @@ def _by(benches: List[Dict], suite: str, *keys: str) -> Dict[tuple, Dict[str, Di
 
 
 def networks_table(benches: List[Dict]) -> List[str]:
-    groups = _by(benches, "network", "network", "order", "batch")
+    groups = _by(benches, "network", "network", "order", "batch", "memory_format")
     if not groups:
         return []
     rows = []
-    for (net, order, batch), p in sorted(groups.items(),
-                                         key=lambda kv: (kv[0][0], ORDER_RANK[kv[0][1]])):
+    for (net, order, batch, fmt), p in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][3], ORDER_RANK[kv[0][1]])):
         med = {k: v["median_s"] for k, v in p.items()}
         tax = {k: p[k].get("bn_tax") if k in p else None for k in PROVIDERS}
         fused = med.get("fused")
@@ -73,7 +73,8 @@ def networks_table(benches: List[Dict]) -> List[str]:
         tax_ok = None if tax["fused"] is None else tax["fused"] <= TAX_TARGET.get(net, 0)
         speed_ok = {k: None if net != "resnet20" or vs[k] is None else vs[k] >= t
                     for k, t in SPEEDUP_TARGET.items()}
-        rows.append([net, order, str(batch), *[_ms(med.get(k)) for k in (*PROVIDERS, "none")],
+        rows.append([net, order, fmt, str(batch),
+                     *[_ms(med.get(k)) for k in (*PROVIDERS, "none")],
                      _x(vs["eager"]) + _mark(speed_ok["eager"]),
                      _x(vs["compile"]) + _mark(speed_ok["compile"]),
                      _pct(tax["eager"]), _pct(tax["fused"]) + _mark(tax_ok),
@@ -82,7 +83,8 @@ def networks_table(benches: List[Dict]) -> List[str]:
                      f"{p['compile']['compile_s']:.0f}" if "compile" in p else "–"])
     return _section(
         "Training step (forward + backward + SGD), median ms",
-        ["network", "order", "batch", "eager", "fused", "compile", "none", "fused vs eager",
+        ["network", "order", "format", "batch", "eager", "fused", "compile", "none",
+         "fused vs eager",
          "fused vs compile", "BN tax eager", "BN tax fused", "BN tax compile", "fused GB/s",
          "compile s"], rows,
         "BN tax = step / step of the same network with norm none − 1 (same interleaved run; "

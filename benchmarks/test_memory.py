@@ -43,7 +43,7 @@ def pytest_generate_tests(metafunc):
         if fmt == "nchw":
             all_cases += [MemoryCase(shape.label, shape, order, norm, p, cases.BATCH)
                           for p in BACKENDS]
-    for net, order, batch in cases.network_configs(quick):
+    for net, order, batch, _fmt in cases.network_configs(quick, formats=("nchw",)):
         all_cases += [MemoryCase(net, None, order, "bn", p, batch) for p in BACKENDS]
     metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 

@@ -1,6 +1,10 @@
 """One training step (forward, cross-entropy, backward, momentum SGD) of alexnet, vgg16 and
-resnet20 at batch 128, fp32, NCHW, in every order: eager / fused / torch.compile with norm
-bn, interleaved with the same network with norm `none` (the reference of the BN tax).
+resnet20 at batch 128, fp32, in every order: eager / fused / torch.compile with norm bn,
+interleaved with the same network with norm `none` (the reference of the BN tax). Every
+network runs in NCHW; resnet20 also in channels_last (`nhwc`), model and input converted for
+every provider alike: oneDNN's convolutions are faster there, and torch.compile's layout
+optimization picks it by itself even for NCHW input, so the NCHW rows alone would credit
+compile with a layout change rather than with fusion.
 
 extra_info: `bn_tax` = step time / none step time − 1 (DESIGN §7's headline), ratio to eager,
 bytes moved (benchmarks.cases.network_bytes), GB/s, compile_s for torch.compile.
@@ -12,7 +16,6 @@ from dataclasses import dataclass
 
 from benchmarks import cases, harness
 
-FMT = "nchw"
 # variants with norm none: the BN-tax reference of eager and fused; torch.compile's is the
 # compiled network with norm none, timed under --wide only (a compile costs 20-60 s)
 NONE = {"eager": "none", "compile": "none-compile"}
@@ -25,10 +28,11 @@ class NetworkCase:
     norm: str
     provider: str
     batch: int
+    fmt: str
 
     @property
     def key(self) -> tuple:
-        return ("network", self.network, self.order, self.batch)
+        return ("network", self.network, self.order, self.batch, self.fmt)
 
     @property
     def variant(self) -> str:
@@ -36,17 +40,17 @@ class NetworkCase:
 
     @property
     def id(self) -> str:
-        return f"{self.network}-{self.order}-{self.norm}-{self.provider}"
+        return f"{self.network}-{self.order}-{self.fmt}-{self.norm}-{self.provider}"
 
 
 def pytest_generate_tests(metafunc):
     quick, wide = metafunc.config.getoption("--quick"), metafunc.config.getoption("--wide")
     providers = ("eager", "fused") if quick else cases.PROVIDERS
     all_cases = []
-    for net, order, batch in cases.network_configs(quick):
-        all_cases += [NetworkCase(net, order, "bn", p, batch) for p in providers]
+    for net, order, batch, fmt in cases.network_configs(quick):
+        all_cases += [NetworkCase(net, order, "bn", p, batch, fmt) for p in providers]
         # fused and eager run the same code with an empty slot: one `none` reference
-        all_cases += [NetworkCase(net, order, "none", p, batch)
+        all_cases += [NetworkCase(net, order, "none", p, batch, fmt)
                       for p in (("eager", "compile") if wide else ("eager",))]
     metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 
@@ -56,11 +60,12 @@ def _build(case: NetworkCase):
         fns, compile_s = {}, {}
         for norm, provider in [*(("none", p) for p in NONE),
                                *(("bn", p) for p in cases.PROVIDERS)]:
-            variant = NetworkCase(case.network, case.order, norm, provider, case.batch).variant
+            variant = NetworkCase(case.network, case.order, norm, provider, case.batch,
+                                  case.fmt).variant
             if variant not in variants:
                 continue
             fns[variant], seconds = cases.network_step(case.network, case.order, norm,
-                                                       provider, case.batch, FMT)
+                                                       provider, case.batch, case.fmt)
             if seconds is not None:
                 compile_s[variant] = seconds
         return fns, compile_s
@@ -76,7 +81,7 @@ def test_network_step(benchmark, case, interleaved, machine):
                  provider=case.provider, variant=case.variant, batch=case.batch)
     reference = NONE["compile"] if case.provider == "compile" else NONE["eager"]
     extra.update(harness.timing_info(timing, timings["eager"], moved, working_set, machine,
-                                     FMT, timings.get(reference) if case.norm == "bn"
+                                     case.fmt, timings.get(reference) if case.norm == "bn"
                                      else None))
     benchmark.group = f"network {case.network} {case.order}"
     harness.record(benchmark, timing, extra)
