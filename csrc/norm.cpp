@@ -161,4 +161,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
   return {dt, dgamma, sum_g};
 }
 
+void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,
+                          const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                          double momentum) {
+  const char* op = "bnorder_cpu::update_running_stats";
+  const int64_t C = running_mean.numel();
+  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&running_mean),
+                              static_cast<const at::Tensor*>(&running_var), &mean, &var}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->size(0) == C && t->is_contiguous(),
+                op, ": expected contiguous CPU vectors of ", C, " values, got size ", t->sizes());
+  }
+  TORCH_CHECK(running_var.scalar_type() == running_mean.scalar_type() &&
+                  var.scalar_type() == mean.scalar_type(),
+              op, ": running_mean/running_var and mean/var must share a dtype");
+  TORCH_CHECK(count > 1, op, ": the unbiased variance needs more than one value per channel");
+  // nn.BatchNorm2d: r ← r + momentum·(batch − r), with the unbiased batch variance.
+  const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(),
+                                  "bnorder_update_running_stats", [&] {
+    using running_t = scalar_t;
+    running_t* rm = running_mean.mutable_data_ptr<running_t>();
+    running_t* rv = running_var.mutable_data_ptr<running_t>();
+    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnorder_update_running_stats_batch", [&] {
+      const scalar_t* m = mean.const_data_ptr<scalar_t>();
+      const scalar_t* v = var.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        const double r_m = static_cast<double>(rm[c]), r_v = static_cast<double>(rv[c]);
+        rm[c] = static_cast<running_t>(r_m + momentum * (static_cast<double>(m[c]) - r_m));
+        rv[c] = static_cast<running_t>(
+            r_v + momentum * (static_cast<double>(v[c]) * unbias - r_v));
+      }
+    });
+  });
+}
+
 }  // namespace bnorder

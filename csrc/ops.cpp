@@ -20,6 +20,8 @@ TORCH_LIBRARY(bnorder_cpu, m) {
   m.def("norm_backward(Tensor g, Tensor t, Tensor? mean, Tensor? var, Tensor? gamma, "
         "Tensor? beta, float eps, int norm, int relu_mode, bool batch_stats, "
         "bool input_grad) -> (Tensor dt, Tensor dgamma, Tensor dbeta)");
+  m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+        "Tensor var, int count, float momentum) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bnorder_cpu, CPU, m) {
@@ -32,6 +34,7 @@ TORCH_LIBRARY_IMPL(bnorder_cpu, CPU, m) {
   m.impl("norm_forward", &bnorder::norm_forward);
   m.impl("norm_backward", &bnorder::norm_backward);
   m.impl("coefficients", &bnorder::coefficients);
+  m.impl("update_running_stats", &bnorder::update_running_stats);
 }
 
 // An importable Python module: `from fused import _C` loads the library and runs the

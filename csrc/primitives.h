@@ -62,4 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
     bool batch_stats, bool input_grad);
 
+void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,
+                          const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                          double momentum);
+
 }  // namespace bnorder

@@ -100,6 +100,10 @@ if _ext.loaded:
         return (torch.empty_like(t) if input_grad else t.new_empty(0),
                 t.new_empty(c, dtype=_acc(t)), t.new_empty(c, dtype=_acc(t)))
 
+    @torch.library.register_fake("bnorder_cpu::update_running_stats")
+    def _(running_mean, running_var, mean, var, count, momentum):
+        return None
+
     @torch.library.register_fake("bnorder_cpu::relu_grad_batch_sum")
     def _(g, out):
         return torch.empty_like(g), g.new_empty((1, *g.shape[1:])).contiguous(

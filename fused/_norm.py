@@ -35,6 +35,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _backend
 from .reference import NORMS
 
 NORM_CODES = {"bn": 0, "bn-minus": 1, "affine": 2}
@@ -154,6 +155,12 @@ def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[T
                          mean: Tensor, var: Tensor, count: int, momentum: float) -> None:
     """nn.BatchNorm2d's update: exponential average with the unbiased batch variance."""
     if running_mean is None:
+        return
+    if (not torch.compiler.is_compiling() and running_mean.device.type == "cpu"
+            and _backend.name_for(running_mean.device) == "cpp"):
+        # One call instead of three tensor ops (csrc/norm.cpp), same formula.
+        torch.ops.bnorder_cpu.update_running_stats(running_mean, running_var, mean, var,
+                                                   count, momentum)
         return
     with torch.no_grad():
         unbiased = var * (count / (count - 1))

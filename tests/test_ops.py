@@ -347,6 +347,8 @@ def test_opcheck_cpp_primitives():
             torch.library.opcheck(ops.norm_forward, (t, *params, *stats_in, 1e-5, norm, 1, True))
         torch.library.opcheck(ops.norm_backward, (g, t, mean, var, *params, 1e-5, norm, 2, True,
                                                   True))
+    torch.library.opcheck(ops.update_running_stats, (torch.zeros(4), torch.ones(4), mean, var,
+                                                     t.numel() // 4, 0.1))
 
 
 @pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
