@@ -19,7 +19,8 @@ TORCH_LIBRARY(bnorder_cpu, m) {
         "Tensor var, Tensor scale, Tensor shift)");
   m.def("norm_backward(Tensor g, Tensor t, Tensor? mean, Tensor? var, Tensor? gamma, "
         "Tensor? beta, float eps, int norm, int relu_mode, bool batch_stats, "
-        "bool input_grad) -> (Tensor dt, Tensor dgamma, Tensor dbeta)");
+        "bool input_grad, Tensor? sum_g=None, Tensor? sum_gt=None) -> (Tensor dt, "
+        "Tensor dgamma, Tensor dbeta)");
   m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
         "Tensor var, int count, float momentum) -> ()");
 }

@@ -60,7 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
     const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
     const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
-    bool batch_stats, bool input_grad);
+    bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sum_g,
+    const c10::optional<at::Tensor>& sum_gt);
 
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,
                           const at::Tensor& mean, const at::Tensor& var, int64_t count,

@@ -105,12 +105,33 @@ def border_map(shift: Tensor, weight: Tensor, in_hw, out_hw, stride, padding, di
     return (inside_h @ (v @ inside_w.T)).unsqueeze(0)
 
 
-def border_map_weight_grad(shift: Tensor, grad_sum: Tensor, weight: Tensor, in_hw, stride,
-                           padding, dilation, groups: int) -> Tensor:
-    """The weight gradient of border_map for the batch-summed output gradient grad_sum
-    (1, out, H_out, W_out), in weight's dtype."""
+def border_taps(grad_sum: Tensor, weight: Tensor, in_hw, stride, padding, dilation,
+                dtype: torch.dtype) -> Tensor:
+    """u[o, k, l] = Σ_{i,j} grad_sum[0, o, i, j]·inside_h[i, k]·inside_w[j, l], (out, kH, kW):
+    the batch-summed output gradient that each weight tap carried from inside the image."""
     inside_h, inside_w = _insides(weight, in_hw, grad_sum.shape[2:], stride, padding,
-                                  dilation, shift.dtype)
-    u = inside_h.T @ grad_sum[0].to(shift.dtype) @ inside_w  # (out, kH, kW)
+                                  dilation, dtype)
+    return inside_h.T @ grad_sum[0].to(dtype) @ inside_w
+
+
+def border_map_weight_grad(shift: Tensor, taps: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """The weight gradient of border_map, b_c·u[o, k, l] (u from border_taps), in weight's
+    dtype."""
     return (_per_group_input(shift, weight, groups)[:, :, None, None]
-            * u[:, None]).to(weight.dtype)
+            * taps[:, None]).to(weight.dtype)
+
+
+def input_channel_sums(weight: Tensor, taps: Tensor, wgrad: Tensor, groups: int):
+    """(Σ dn, Σ dn·x) per input channel c for dn = conv_backward_input(g, weight) and the
+    convolution's input x, without reading dn or x: with u = border_taps(Σ_n g) and
+    G = wgrad(x, g),
+
+        Σ_{n,h,w} dn[n, c, h, w]          = Σ_{o,k,l} W[o, c, k, l]·u[o, k, l]
+        Σ_{n,h,w} dn[n, c, h, w]·x[n, c, h, w] = Σ_{o,k,l} W[o, c, k, l]·G[o, c, k, l]
+
+    (output channels o of c's group). In taps' dtype."""
+    w = weight.to(taps.dtype)
+    per_tap = torch.stack([(w * taps[:, None]).sum((2, 3)), (w * wgrad.to(taps.dtype)).sum((2, 3))])
+    out_channels, per_group = weight.shape[:2]
+    sums = per_tap.view(2, groups, out_channels // groups, per_group).sum(2).reshape(2, -1)
+    return sums[0], sums[1]

@@ -53,9 +53,10 @@ def norm_forward(t: Tensor, gamma, beta, mean_in, var_in, eps: float, norm_code:
 
 
 def norm_backward(g: Tensor, t: Tensor, mean, var, gamma, beta, eps: float, norm_code: int,
-                  relu_mode: int, batch_stats: bool, input_grad: bool):
+                  relu_mode: int, batch_stats: bool, input_grad: bool, sum_g=None,
+                  sum_gt=None):
     return _ops.norm_backward(g, t, mean, var, gamma, beta, eps, norm_code, relu_mode,
-                              batch_stats, input_grad)
+                              batch_stats, input_grad, sum_g, sum_gt)
 
 
 if _ext.loaded:
@@ -95,7 +96,8 @@ if _ext.loaded:
                 t.new_empty(c, dtype=_acc(t)), t.new_empty(c, dtype=_acc(t)))
 
     @torch.library.register_fake("bnorder_cpu::norm_backward")
-    def _(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats, input_grad):
+    def _(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats, input_grad,
+          sum_g=None, sum_gt=None):
         c = t.shape[1]
         return (torch.empty_like(t) if input_grad else t.new_empty(0),
                 t.new_empty(c, dtype=_acc(t)), t.new_empty(c, dtype=_acc(t)))

@@ -23,13 +23,18 @@ ATen's slow path:
 Saved for backward: x, the statistics and a (the ReLU mask is a > 0; a is the next layer's
 input, so it is stored anyway).
 
-Backward, g_z = g·[a > 0]:
+Backward, g_z = g·[a > 0], u[o, k, l] = Σ_{i,j} Σ_n g_z[o, i, j]·inside_h[i, k]·inside_w[j, l]
+(the gradient each weight tap carried from inside the image):
 
+    g_z, Σ_n g_z = relu_grad_batch_sum(g, a)         one pass, as the ReLU backward alone
     dn, G, dbias = conv_backward(g_z, x, W)          dn = ∂L/∂norm(x), G = wgrad(x, g_z)
-    dW = s·G + wgrad(B, Σ_n g_z)                     the border map's term:
-    wgrad(B, Σ_n g_z)[o, c, k, l] = b_c·Σ_{i,j} Σ_n g_z[o, i, j]·inside_h[i, k]·inside_w[j, l]
-    Σdn, Σdn·(x − mean) = backward_reduce(dn, x)
+    dW = s·G + b_c·u                                 the border map's term is wgrad(B, Σ_n g_z)
+    Σdn_c      = Σ_{o,k,l} W[o, c, k, l]·u[o, k, l]
+    Σdn·x_c    = Σ_{o,k,l} W[o, c, k, l]·G[o, c, k, l]     (G is the weight gradient on x)
     dx = backward_apply(dn, x)                       coefficients as in _norm
+
+so the norm's backward sums cost no pass over dn or x (backward_reduce would read both),
+and when x needs no gradient (a network's first unit) dn is not computed at all.
 
 Eval mode is the same computation with running statistics: the norm folds into the conv
 weights plus the border map conv(B, W).
@@ -139,29 +144,37 @@ def _norm_conv_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weight: Tenso
                                              stride, padding, dilation, eps, norm, relu,
                                              batch_stats, grad_mask)
     prims = _backend.primitives(x)
-    scale, shift, _, _ = _norm.coefficients(norm, mean, var, gamma, beta, eps, x.shape[1], x,
-                                            prims)
+    scale, shift, mean_c, _ = _norm.coefficients(norm, mean, var, gamma, beta, eps,
+                                                 x.shape[1], x, prims)
     folds = _folds(x, weight, norm, mean, var, eps)
+    # Folded, with the weight gradient to compute anyway, the norm's two backward sums come
+    # from it and the border taps (_conv.input_channel_sums): no pass over dn.
+    sums_from_weights = folds and grad_mask[1]
     g_batch_sum = None
-    if relu and folds and grad_mask[1]:
-        # The border map's weight gradient needs Σ_n g_z: taken in the ReLU-mask pass.
+    if relu and sums_from_weights:
+        # Σ_n g_z, for the border taps, taken in the ReLU-mask pass.
         g, g_batch_sum = _border_ops(prims).relu_grad_batch_sum(
             grad.contiguous(memory_format=_conv.memory_format_of(out)), out)
     else:
         g = torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad
     conv_input = x if folds else prims.apply(x, scale, shift, RELU_NONE)
-    dnorm, dweight, dbias = _conv.conv_backward(g, conv_input, weight, stride, padding,
-                                                dilation, groups,
-                                                [True, grad_mask[1], grad_mask[2]])
-    dnorm = dnorm.contiguous(memory_format=_conv.memory_format_of(x))
-    if folds and grad_mask[1]:
+    dnorm, dweight, dbias = _conv.conv_backward(
+        g, conv_input, weight, stride, padding, dilation, groups,
+        [grad_mask[0] or not sums_from_weights, grad_mask[1], grad_mask[2]])
+    sums = None
+    if sums_from_weights:
         if g_batch_sum is None:
             g_batch_sum = _conv.batch_sum(g)
-        border = _conv.border_map_weight_grad(shift, g_batch_sum, weight, x.shape[2:],
-                                              stride, padding, dilation, groups)
-        dweight = _conv.scale_in_channels(dweight, scale, groups) + border
+        taps = _conv.border_taps(g_batch_sum, weight, x.shape[2:], stride, padding, dilation,
+                                 scale.dtype)
+        sum_dn, sum_dn_x = _conv.input_channel_sums(weight, taps, dweight, groups)
+        sums = (sum_dn, sum_dn_x - mean_c * sum_dn)
+        dweight = (_conv.scale_in_channels(dweight, scale, groups)
+                   + _conv.border_map_weight_grad(shift, taps, weight, groups))
+    dnorm = (dnorm.contiguous(memory_format=_conv.memory_format_of(x)) if dnorm is not None
+             else x.new_empty(0))
     dx, dgamma, dbeta = _norm.backward(prims, dnorm, x, mean, var, gamma, beta, eps, norm,
-                                       RELU_NONE, batch_stats, grad_mask[0], sync)
+                                       RELU_NONE, batch_stats, grad_mask[0], sync, sums)
     return _op.backward_outputs(x, dx, dweight, dbias, dgamma, dbeta)
 
 

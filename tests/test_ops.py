@@ -103,6 +103,28 @@ def test_non_contiguous_input(order):
     torch.testing.assert_close(FUNCTIONALS[order](transposed, *args), FUNCTIONALS[order](x, *args))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("norm", ["bn", "affine"])
+@pytest.mark.parametrize("order", ORDERS)
+def test_parameter_grads_without_input_grad(order, norm, training):
+    """A network's first unit: the input needs no gradient (bn-conv-relu then skips dn and
+    takes its norm sums from the weight gradient); parameter gradients as the reference."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 9, 7, dtype=torch.float64) * 2 + 0.5
+    weight = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    channels = 3 if order == "bn-conv-relu" else 5
+    gamma = (torch.rand(channels, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(channels, dtype=torch.float64, requires_grad=True)
+    running = (torch.randn(channels, dtype=torch.float64), torch.rand(channels, dtype=torch.float64) + 0.5)
+    grads = []
+    for fn in (FUNCTIONALS[order], reference_fn(order)):
+        out = fn(x, weight, None, 2, 1, 1, 1, *(r.clone() for r in running), gamma, beta,
+                 training, 0.1, 1e-5, norm, True)
+        grads.append(torch.autograd.grad(out, (weight, gamma, beta), torch.ones_like(out)))
+    for name, a, b in zip(("weight", "gamma", "beta"), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+
+
 @pytest.mark.parametrize("order", ORDERS)
 def test_mean_1e4_data_is_as_exact_as_eager(order):
     """Variance must be stable: a naive E[t²] − E[t]² in float32 loses every digit here."""
@@ -269,9 +291,10 @@ def test_opcheck_unit_ops(sample):
     (2, 3, 1, 1, 1, 3, 3, (1, 1), (1, 1), (1, 1)),
     (5, 2, 1, 6, 6, 1, 1, (2, 2), (0, 0), (1, 1)),
 ], ids=["3x3", "groups-stride-dilation", "5x5-wide-pad", "1px", "1x1-stride2"])
-def test_border_map_equals_convolution_of_the_shift_image(geometry):
+def test_border_map_and_weight_side_sums_equal_the_convolutions(geometry):
     """bn-conv-relu's border map and its weight gradient, computed separably, against the
-    convolution of the image holding b_c inside its borders (float64)."""
+    convolution of the image holding b_c inside its borders; and its backward sums taken
+    from the weight gradient against a pass over dn (float64)."""
     from fused import _conv
     cin, cout, groups, h, w, kh, kw, stride, padding, dilation = geometry
     shift = torch.randn(cin, dtype=torch.float64)
@@ -283,9 +306,22 @@ def test_border_map_equals_convolution_of_the_shift_image(geometry):
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
     grad_sum = torch.randn_like(expected)
     (expected_wgrad,) = torch.autograd.grad(expected, weight, grad_sum)
-    actual_wgrad = _conv.border_map_weight_grad(shift, grad_sum, weight, (h, w), stride,
-                                                padding, dilation, groups)
+    taps = _conv.border_taps(grad_sum, weight, (h, w), stride, padding, dilation,
+                             torch.float64)
+    actual_wgrad = _conv.border_map_weight_grad(shift, taps, weight, groups)
     torch.testing.assert_close(actual_wgrad, expected_wgrad, rtol=1e-12, atol=1e-12)
+
+    # The norm's backward sums from the weight side: Σ dn and Σ dn·x per input channel for
+    # dn = ∂/∂x of Σ g·conv(x, W), against reading dn.
+    x = torch.randn(3, cin, h, w, dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+    g = torch.randn_like(y)
+    dn, wgrad = torch.autograd.grad(y, (x, weight), g)
+    taps = _conv.border_taps(g.sum(0, keepdim=True), weight, (h, w), stride, padding,
+                             dilation, torch.float64)
+    sum_dn, sum_dn_x = _conv.input_channel_sums(weight, taps, wgrad, groups)
+    torch.testing.assert_close(sum_dn, dn.sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sum_dn_x, (dn * x).sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
