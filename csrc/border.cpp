@@ -63,17 +63,21 @@ template <typename scalar_t>
 void relu_grad_batch_sum_kernel(const scalar_t* gp, const scalar_t* outp, scalar_t* gzp,
                                 scalar_t* sp, int64_t N, int64_t image) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  // Each thread owns a slice of the image and walks the batch over it: the running sum
-  // of its slice stays in cache and no two threads write the same sum.
-  const int64_t chunk = 4096;
-  const int64_t chunks = (image + chunk - 1) / chunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> acc(chunk);
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t i0 = c * chunk, len = std::min(chunk, image - i0);
-      acc_t* __restrict__ a = acc.data();
-      std::fill(a, a + len, acc_t(0));
-      for (int64_t n = 0; n < N; ++n) {
+  // Each thread takes its own range of images, adding into its own image-sized
+  // sum (a slice of the image per thread instead would leave all but one thread idle on
+  // the small maps of late layers, where one image is a few thousand values); the
+  // threads' sums are added at the end.
+  const int nthreads = at::get_num_threads();
+  std::vector<acc_t> partial(static_cast<size_t>(nthreads) * image, acc_t(0));
+  // Within its images a thread walks the image in L1-sized slices, so that the running
+  // sum it adds into stays in L1 rather than being re-read from L2 for every image.
+  constexpr int64_t slice = 2048;
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    const int tid = at::get_thread_num();
+    for (int64_t i0 = 0; i0 < image; i0 += slice) {
+      const int64_t len = std::min(slice, image - i0);
+      acc_t* __restrict__ a = partial.data() + static_cast<size_t>(tid) * image + i0;
+      for (int64_t n = n0; n < n1; ++n) {
         const scalar_t* __restrict__ src = gp + n * image + i0;
         const scalar_t* __restrict__ o = outp + n * image + i0;
         scalar_t* __restrict__ dst = gzp + n * image + i0;
@@ -84,9 +88,13 @@ void relu_grad_batch_sum_kernel(const scalar_t* gp, const scalar_t* outp, scalar
           a[i] += v;
         }
       }
-      for (int64_t i = 0; i < len; ++i) sp[i0 + i] = static_cast<scalar_t>(a[i]);
     }
   });
+  for (int64_t i = 0; i < image; ++i) {
+    acc_t total = 0;
+    for (int t = 0; t < nthreads; ++t) total += partial[static_cast<size_t>(t) * image + i];
+    sp[i] = static_cast<scalar_t>(total);
+  }
 }
 
 }  // namespace

@@ -75,18 +75,23 @@ def batch_sum(t: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _inside(size: int, out_size: int, kernel: int, stride: int, padding: int, dilation: int,
-            dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(out_size, kernel): 1 where tap k of output position i reads inside an input axis of
-    `size` values, 0 where it reads the zero padding."""
-    pos = (torch.arange(out_size, device=device)[:, None] * stride - padding
-           + torch.arange(kernel, device=device)[None, :] * dilation)
-    return ((pos >= 0) & (pos < size)).to(dtype)
+def _inside_taps(in_hw: tuple, out_hw: tuple, kernel: tuple, stride: tuple, padding: tuple,
+                 dilation: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(kH·kW, H_out·W_out): 1 where tap (k, l) of output pixel (i, j) reads inside the
+    input image, 0 where it reads the zero padding; the product of one such 0/1 factor per
+    axis, so the border map is one matrix product with it (cached per geometry)."""
+    def inside(a):
+        pos = (torch.arange(out_hw[a], device=device)[None, :] * stride[a] - padding[a]
+               + torch.arange(kernel[a], device=device)[:, None] * dilation[a])
+        return ((pos >= 0) & (pos < in_hw[a])).to(dtype)       # (k, out)
+    h, w = inside(0), inside(1)
+    return (h[:, None, :, None] * w[None, :, None, :]).reshape(kernel[0] * kernel[1], -1)
 
 
-def _insides(weight: Tensor, in_hw, out_hw, stride, padding, dilation, dtype):
-    return [_inside(int(in_hw[a]), int(out_hw[a]), weight.shape[2 + a], stride[a], padding[a],
-                    dilation[a], dtype, weight.device) for a in range(2)]
+def _taps(weight: Tensor, in_hw, out_hw, stride, padding, dilation, dtype) -> Tensor:
+    return _inside_taps(tuple(int(v) for v in in_hw), tuple(int(v) for v in out_hw),
+                        tuple(weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation),
+                        dtype, weight.device)
 
 
 def _per_group_input(shift: Tensor, weight: Tensor, groups: int) -> Tensor:
@@ -100,18 +105,18 @@ def border_map(shift: Tensor, weight: Tensor, in_hw, out_hw, stride, padding, di
                groups: int) -> Tensor:
     """conv(B, weight) for the image B holding shift[c] inside its borders and zero padding,
     shape (1, out, H_out, W_out), computed separably (see bn_conv_relu)."""
-    inside_h, inside_w = _insides(weight, in_hw, out_hw, stride, padding, dilation, shift.dtype)
+    inside = _taps(weight, in_hw, out_hw, stride, padding, dilation, shift.dtype)
     v = (weight.to(shift.dtype) * _per_group_input(shift, weight, groups)[:, :, None, None]).sum(1)
-    return (inside_h @ (v @ inside_w.T)).unsqueeze(0)
+    return (v.flatten(1) @ inside).view(1, -1, *out_hw)
 
 
 def border_taps(grad_sum: Tensor, weight: Tensor, in_hw, stride, padding, dilation,
                 dtype: torch.dtype) -> Tensor:
     """u[o, k, l] = Σ_{i,j} grad_sum[0, o, i, j]·inside_h[i, k]·inside_w[j, l], (out, kH, kW):
     the batch-summed output gradient that each weight tap carried from inside the image."""
-    inside_h, inside_w = _insides(weight, in_hw, grad_sum.shape[2:], stride, padding,
-                                  dilation, dtype)
-    return inside_h.T @ grad_sum[0].to(dtype) @ inside_w
+    inside = _taps(weight, in_hw, grad_sum.shape[2:], stride, padding, dilation, dtype)
+    return (grad_sum[0].to(dtype).flatten(1) @ inside.T).view(weight.shape[0],
+                                                              *weight.shape[2:])
 
 
 def border_map_weight_grad(shift: Tensor, taps: Tensor, weight: Tensor, groups: int) -> Tensor:

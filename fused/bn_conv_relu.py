@@ -13,8 +13,8 @@ independently along each axis, and
     conv(B, W)[o, i, j] = Σ_{k,l} v[o, k, l]·inside_h[i, k]·inside_w[j, l]
     v[o, k, l] = Σ_c W[o, c, k, l]·b_c
 
-two small matrix products (_conv.border_map), where a batch-1 convolution would take
-ATen's slow path:
+one small matrix product of v with the cached 0/1 matrix of inside_h·inside_w
+(_conv.border_map), where a batch-1 convolution would take ATen's slow path:
 
     mean, var = stats(x)                      one read of x (training only)
     z = conv(x, W·s, bias) + conv(B, W)       the norm costs no pass over any activation
