@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace bnorder {
@@ -118,19 +120,118 @@ inline void chan_merge(double& n, double& mean, double& m2, double n_b, double m
   n = total;
 }
 
-// Rows per block in the rows-by-channels layout: ~16 KB of activations, cache-resident for
-// the second pass.
-inline int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, 4096 / C); }
+// Rows per block of the reductions (stats, backward_reduce) in the rows-by-channels layout: up
+// to 1024 rows or 64 KB, L2-resident while a wide C is read in chunks of channels. The merge of
+// all C channels after each block costs as much as reading a few rows, hence long blocks; yet at
+// most a thread's share, so that every thread has work.
+inline int64_t rows_per_reduce_block(int64_t C, int64_t rows, int nthreads) {
+  return std::clamp<int64_t>(std::min<int64_t>(16384 / C, (rows + nthreads - 1) / nthreads), 1,
+                             1024);
+}
+
+// Accumulator lanes: one vector register of acc_t, as wide as the target's widest. Sums kept
+// per lane stay in registers; their horizontal sum waits for the merge, once per ~kMergeValues
+// values.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+template <typename acc_t>
+constexpr int kLanes = kVectorBytes / static_cast<int>(sizeof(acc_t));
+
+// Values a lane-accumulated channel takes in before it is merged in double precision: bounds
+// the float rounding of its sums as the blocks of the rows layout do.
+constexpr int64_t kMergeValues = 4096;
+
+// Block statistics from sums shifted by k (Σ(t − k), Σ(t − k)² over n values): the mean and the
+// squared deviations about it. With k near the block's mean the subtraction q − s²/n cancels
+// nothing, so data far from zero keeps the digits the two-pass form keeps; clamped at 0 against
+// rounding, NaN kept.
+inline void shifted_to_block(double k, double s, double q, double n, double& mean, double& m2) {
+  mean = k + s / n;
+  const double d = q - s * s / n;
+  m2 = d < 0 ? 0.0 : d;
+}
 
 // ---------------------------------------------------------------------------------------
 // stats
 // ---------------------------------------------------------------------------------------
 
+// A vector of kLanes<acc_t> accumulators (GCC/Clang vector extension): the compiler keeps it in
+// a register, where it moves a plain array of the same size through the stack on every plane.
+typedef float lanes_float __attribute__((vector_size(kVectorBytes)));
+typedef double lanes_double __attribute__((vector_size(kVectorBytes)));
+template <typename acc_t>
+using lanes_t = std::conditional_t<std::is_same_v<acc_t, double>, lanes_double, lanes_float>;
+
+// kLanes<acc_t> consecutive values as the norm sees them, minus k.
+template <int Mode, typename acc_t, typename scalar_t>
+inline lanes_t<acc_t> load_lanes(const scalar_t* p, acc_t k) {
+  lanes_t<acc_t> v;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    for (int j = 0; j < kLanes<acc_t>; ++j) v[j] = static_cast<acc_t>(p[j]);
+  }
+  if constexpr (Mode == RELU_BEFORE) {
+    const lanes_t<acc_t> zero = {};
+    v = v < zero ? zero : v;  // NaN stays
+  }
+  return v - k;
+}
+
+// One pass over a run of n contiguous values of one channel: adds Σ(t − k) and Σ(t − k)² into
+// the channel's lanes s[0..V), q[0..V). Two sets in flight halve the add latency chain. NV ≥ 0
+// is n / V known at compile time: a plane of a few vectors then has no loop control, which
+// costs as much as its arithmetic.
+template <int Mode, int NV = -1, typename scalar_t, typename acc_t>
+inline void shifted_lanes(const scalar_t* __restrict__ p, int64_t n, acc_t k,
+                          acc_t* __restrict__ s, acc_t* __restrict__ q) {
+  constexpr int V = kLanes<acc_t>;
+  using vec = lanes_t<acc_t>;
+  const int64_t nv = NV >= 0 ? NV : n / V;
+  vec s0 = {}, q0 = {}, s1 = {}, q1 = {};
+  int64_t v = 0;
+  for (; v + 2 <= nv; v += 2) {
+    const vec d0 = load_lanes<Mode>(p + v * V, k), d1 = load_lanes<Mode>(p + v * V + V, k);
+    s0 += d0;
+    q0 += d0 * d0;
+    s1 += d1;
+    q1 += d1 * d1;
+  }
+  if (v < nv) {
+    const vec d = load_lanes<Mode>(p + v * V, k);
+    s0 += d;
+    q0 += d * d;
+  }
+  const int64_t i = nv * V;
+  vec sm, qm;
+  std::memcpy(&sm, s, sizeof sm);
+  std::memcpy(&qm, q, sizeof qm);
+  sm += s0 + s1;
+  qm += q0 + q1;
+  std::memcpy(s, &sm, sizeof sm);
+  std::memcpy(q, &qm, sizeof qm);
+  for (int j = 0; i + j < n; ++j) {
+    const acc_t d = load_input<Mode, acc_t>(p[i + j]) - k;
+    s[j] += d;
+    q[j] += d * d;
+  }
+}
+
 // Planes are visited in memory order (plane p = n·C + c), each thread merging into its own
 // per-channel partials: walking one channel's N planes instead would jump C·S values between
 // short runs, which the hardware prefetcher does not follow (3–4× slower at 8×8 maps).
+// A plane is read once, its sums shifted by the channel's running mean; a small plane adds into
+// the channel's lanes and several planes share one merge, which would otherwise cost more than
+// reading 8×8 values. The thread's first plane of a channel has no running mean yet and is read
+// twice, its own mean being the shift.
 template <typename scalar_t, typename acc_t, int Mode>
 void stats_planes(const scalar_t* x, const Geometry& geo, acc_t* mean_out, acc_t* var_out) {
+  constexpr int V = kLanes<acc_t>;
   const int64_t S = geo.S, C = geo.C;
   const int nthreads = at::get_num_threads();
   std::vector<double> t_n(nthreads * C, 0.0), t_mean(nthreads * C, 0.0), t_m2(nthreads * C, 0.0);
@@ -140,20 +241,52 @@ void stats_planes(const scalar_t* x, const Geometry& geo, acc_t* mean_out, acc_t
     double* pn = &t_n[tid * C];
     double* pmean = &t_mean[tid * C];
     double* pm2 = &t_m2[tid * C];
-    for (int64_t plane = p0; plane < p1; ++plane) {
-      const scalar_t* __restrict__ p = x + plane * S;
-      acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < S; ++i) sum += load_input<Mode, acc_t>(p[i]);
-      const acc_t pm = sum / static_cast<acc_t>(S);
-      acc_t sq = 0;
-#pragma omp simd reduction(+ : sq)
-      for (int64_t i = 0; i < S; ++i) {
-        const acc_t d = load_input<Mode, acc_t>(p[i]) - pm;
-        sq += d * d;
+    std::vector<acc_t> lanes(2 * C * V, acc_t(0)), shift(C);
+    std::vector<int64_t> count(C, 0);
+    // The thread's first plane of each channel: its mean is the channel's first shift.
+    for (int64_t plane = p0, c = p0 % C; plane < std::min(p1, p0 + C);
+         ++plane, c = (c + 1 == C) ? 0 : c + 1) {
+      const scalar_t* p = x + plane * S;
+      acc_t s[V] = {}, q[V] = {};
+      const acc_t k = load_input<Mode, acc_t>(p[0]);
+      shifted_lanes<Mode>(p, S, k, s, q);
+      double sd = 0;
+      for (int j = 0; j < V; ++j) sd += s[j];
+      shift[c] = static_cast<acc_t>(k + sd / static_cast<double>(S));
+    }
+    // Runs of planes in which every channel takes in about kMergeValues values, each run then
+    // merged: no test per plane.
+    const int64_t run = C * std::max<int64_t>(1, kMergeValues / S);
+    for (int64_t r0 = p0; r0 < p1; r0 += run) {
+      const int64_t r1 = std::min(p1, r0 + run);
+      for (int64_t plane = r0, c = r0 % C; plane < r1; ++plane, c = (c + 1 == C) ? 0 : c + 1) {
+        const scalar_t* p = x + plane * S;
+        acc_t* s = &lanes[2 * c * V];
+        switch (S / V) {  // the same case for every plane: predicted
+          case 1: shifted_lanes<Mode, 1>(p, S, shift[c], s, s + V); break;
+          case 2: shifted_lanes<Mode, 2>(p, S, shift[c], s, s + V); break;
+          case 3: shifted_lanes<Mode, 3>(p, S, shift[c], s, s + V); break;
+          case 4: shifted_lanes<Mode, 4>(p, S, shift[c], s, s + V); break;
+          default: shifted_lanes<Mode>(p, S, shift[c], s, s + V);
+        }
+        count[c] += S;
       }
-      const int64_t c = plane % C;
-      chan_merge(pn[c], pmean[c], pm2[c], static_cast<double>(S), pm, sq);
+      for (int64_t c = 0; c < C; ++c) {
+        if (count[c] == 0) continue;
+        acc_t* s = &lanes[2 * c * V];
+        double sd = 0, qd = 0;
+        for (int j = 0; j < V; ++j) {
+          sd += s[j];
+          qd += s[V + j];
+        }
+        std::fill(s, s + 2 * V, acc_t(0));
+        const double n = static_cast<double>(count[c]);
+        double mean_b, m2_b;
+        shifted_to_block(static_cast<double>(shift[c]), sd, qd, n, mean_b, m2_b);
+        chan_merge(pn[c], pmean[c], pm2[c], n, mean_b, m2_b);
+        shift[c] = static_cast<acc_t>(pmean[c]);
+        count[c] = 0;
+      }
     }
   });
   for (int64_t c = 0; c < C; ++c) {
@@ -165,46 +298,123 @@ void stats_planes(const scalar_t* x, const Geometry& geo, acc_t* mean_out, acc_t
   }
 }
 
+// Σ(t − k) and Σ(t − k)² of W channels over m rows (stride C) into s, q, with all sums in
+// registers: W·U of them in flight (U rows at a time) hide the add latency, where one row at a
+// time through per-channel arrays in memory waits on store forwarding at every row.
+template <int W, int U, int Mode, typename scalar_t, typename acc_t>
+inline void shifted_columns(const scalar_t* __restrict__ x, int64_t C, int64_t m,
+                            const acc_t* __restrict__ k, acc_t* __restrict__ s_out,
+                            acc_t* __restrict__ q_out) {
+  acc_t s[U][W] = {}, q[U][W] = {}, kk[W];
+  for (int j = 0; j < W; ++j) kk[j] = k[j];
+  int64_t r = 0;
+  for (; r + U <= m; r += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const scalar_t* __restrict__ p = x + (r + u) * C;
+#pragma omp simd
+      for (int j = 0; j < W; ++j) {
+        const acc_t d = load_input<Mode, acc_t>(p[j]) - kk[j];
+        s[u][j] += d;
+        q[u][j] += d * d;
+      }
+    }
+  }
+  for (; r < m; ++r) {
+    const scalar_t* __restrict__ p = x + r * C;
+#pragma omp simd
+    for (int j = 0; j < W; ++j) {
+      const acc_t d = load_input<Mode, acc_t>(p[j]) - kk[j];
+      s[0][j] += d;
+      q[0][j] += d * d;
+    }
+  }
+#pragma omp simd
+  for (int j = 0; j < W; ++j) {
+    acc_t a = 0, b = 0;
+    for (int u = 0; u < U; ++u) a += s[u][j], b += q[u][j];
+    s_out[j] = a;
+    q_out[j] = b;
+  }
+}
+
+// The same for the w < kLanes channels left over, at a runtime width.
+template <int Mode, typename scalar_t, typename acc_t>
+inline void shifted_columns_tail(const scalar_t* x, int64_t C, int64_t m, int64_t w,
+                                 const acc_t* __restrict__ k, acc_t* __restrict__ s,
+                                 acc_t* __restrict__ q) {
+  std::fill(s, s + w, acc_t(0));
+  std::fill(q, q + w, acc_t(0));
+  for (int64_t r = 0; r < m; ++r) {
+    const scalar_t* __restrict__ p = x + r * C;
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      const acc_t d = load_input<Mode, acc_t>(p[j]) - k[j];
+      s[j] += d;
+      q[j] += d * d;
+    }
+  }
+}
+
+// Shifted sums of every channel over a block of m rows, in chunks of 4, 2 and 1 vectors of
+// channels.
+template <int Mode, typename scalar_t, typename acc_t>
+void shifted_rows(const scalar_t* x, int64_t C, int64_t m, const acc_t* k, acc_t* s, acc_t* q) {
+  constexpr int V = kLanes<acc_t>;
+  int64_t c = 0;
+  for (; c + 4 * V <= C; c += 4 * V)
+    shifted_columns<4 * V, 1, Mode>(x + c, C, m, k + c, s + c, q + c);
+  if (c + 2 * V <= C) {
+    shifted_columns<2 * V, 2, Mode>(x + c, C, m, k + c, s + c, q + c);
+    c += 2 * V;
+  }
+  if (c + V <= C) {
+    shifted_columns<V, 4, Mode>(x + c, C, m, k + c, s + c, q + c);
+    c += V;
+  }
+  if (c < C) shifted_columns_tail<Mode>(x + c, C, m, C - c, k + c, s + c, q + c);
+}
+
+// A block of rows is read once, its sums shifted by the thread's running mean of each channel;
+// the thread's first block has none yet and is read twice, its own mean being the shift.
 template <typename scalar_t, typename acc_t, int Mode>
 void stats_rows(const scalar_t* x, const Geometry& geo, acc_t* mean_out, acc_t* var_out) {
-  const int64_t C = geo.C, rows = geo.rows(), block = rows_per_block(C);
-  const int64_t nblocks = (rows + block - 1) / block;
+  const int64_t C = geo.C, rows = geo.rows();
   const int nthreads = at::get_num_threads();
+  const int64_t block = rows_per_reduce_block(C, rows, nthreads);
+  const int64_t nblocks = (rows + block - 1) / block;
   // Per-thread partial (count, mean, m2) in double, merged at the end.
   std::vector<double> t_n(nthreads, 0.0), t_mean(nthreads * C, 0.0), t_m2(nthreads * C, 0.0);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
-    std::vector<acc_t> sum(C), sq(C);
-    double* pmean = &t_mean[tid * C];
-    double* pm2 = &t_m2[tid * C];
+    std::vector<acc_t> shift(C), sum(C), sq(C);
+    acc_t* __restrict__ k = shift.data();
+    acc_t* __restrict__ s = sum.data();
+    acc_t* __restrict__ q = sq.data();
+    double* __restrict__ pmean = &t_mean[tid * C];
+    double* __restrict__ pm2 = &t_m2[tid * C];
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * block, r1 = std::min(rows, r0 + block);
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      std::fill(sq.begin(), sq.end(), acc_t(0));
-      acc_t* s = sum.data();
-      acc_t* q = sq.data();
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* p = x + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) s[c] += load_input<Mode, acc_t>(p[c]);
+      const int64_t r0 = blk * block, m = std::min(rows, r0 + block) - r0;
+      const scalar_t* xb = x + r0 * C;
+      const double nb = static_cast<double>(m), n = t_n[tid];
+      if (n == 0) {
+        for (int64_t c = 0; c < C; ++c) k[c] = load_input<Mode, acc_t>(xb[c]);
+        shifted_rows<Mode>(xb, C, m, k, s, q);
+        for (int64_t c = 0; c < C; ++c) k[c] = static_cast<acc_t>(k[c] + s[c] / nb);
       }
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(r1 - r0);
+      shifted_rows<Mode>(xb, C, m, k, s, q);
+      // chan_merge for all channels at once: they share the counts.
+      const double f = nb / (n + nb), g = n * f;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) s[c] *= inv;  // now the block mean
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* p = x + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t d = load_input<Mode, acc_t>(p[c]) - s[c];
-          q[c] += d * d;
-        }
-      }
-      const double nb = static_cast<double>(r1 - r0);
       for (int64_t c = 0; c < C; ++c) {
-        double n = t_n[tid];
-        chan_merge(n, pmean[c], pm2[c], nb, s[c], q[c]);
+        double mean_b, m2_b;
+        shifted_to_block(static_cast<double>(k[c]), s[c], q[c], nb, mean_b, m2_b);
+        const double delta = mean_b - pmean[c];
+        pmean[c] += delta * f;
+        pm2[c] += m2_b + delta * delta * g;
+        k[c] = static_cast<acc_t>(pmean[c]);
       }
-      t_n[tid] += nb;
+      t_n[tid] = n + nb;
     }
   });
   for (int64_t c = 0; c < C; ++c) {
@@ -313,71 +523,196 @@ void sum_thread_partials(const std::vector<double>& t_g, const std::vector<doubl
   }
 }
 
-// Memory order with per-thread per-channel sums, as stats_planes.
+// Σg' and Σg'·(t_in − m) of a run of n contiguous values of one channel, added into the
+// channel's lanes sg[0..V), sgt[0..V), as shifted_lanes.
+template <int Mode, typename scalar_t, typename acc_t>
+inline void grad_lanes(const scalar_t* __restrict__ gp, const scalar_t* __restrict__ xp,
+                       int64_t n, acc_t s, acc_t b, acc_t m, acc_t* __restrict__ sg,
+                       acc_t* __restrict__ sgt) {
+  constexpr int V = kLanes<acc_t>;
+  using vec = lanes_t<acc_t>;
+  const vec zero = {};
+  auto add = [&](int64_t i, vec& ga, vec& gta) {
+    const vec t = load_lanes<RELU_NONE>(xp + i, acc_t(0));
+    vec g = load_lanes<RELU_NONE>(gp + i, acc_t(0));
+    if constexpr (Mode == RELU_AFTER) g = t * s + b > zero ? g : zero;
+    const vec in = Mode == RELU_BEFORE ? (t < zero ? zero : t) : t;
+    ga += g;
+    gta += g * (in - m);
+  };
+  vec g0 = {}, gt0 = {}, g1 = {}, gt1 = {};
+  int64_t i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    add(i, g0, gt0);
+    add(i + V, g1, gt1);
+  }
+  if (i + V <= n) {
+    add(i, g0, gt0);
+    i += V;
+  }
+  vec a, c;
+  std::memcpy(&a, sg, sizeof a);
+  std::memcpy(&c, sgt, sizeof c);
+  a += g0 + g1;
+  c += gt0 + gt1;
+  std::memcpy(sg, &a, sizeof a);
+  std::memcpy(sgt, &c, sizeof c);
+  for (int j = 0; i + j < n; ++j) {
+    const acc_t t = static_cast<acc_t>(xp[i + j]);
+    const acc_t gv = load_grad<Mode, acc_t>(gp[i + j], t, s, b);
+    sg[j] += gv;
+    sgt[j] += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - m);
+  }
+}
+
+// Memory order with per-thread per-channel sums, as stats_planes, and as there a plane adds
+// into its channel's lanes, summed into the double partials after runs of ~kMergeValues values
+// per channel.
 template <typename scalar_t, typename acc_t, int Mode>
 void backward_reduce_planes(const scalar_t* g, const scalar_t* x, const Geometry& geo,
                             const acc_t* mean, const acc_t* scale, const acc_t* shift,
                             acc_t* sum_g_out, acc_t* sum_gt_out) {
+  constexpr int V = kLanes<acc_t>;
   const int64_t S = geo.S, C = geo.C;
   const int nthreads = at::get_num_threads();
   std::vector<double> t_g(nthreads * C, 0.0), t_gt(nthreads * C, 0.0);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S));
   at::parallel_for(0, geo.N * C, grain, [&](int64_t p0, int64_t p1) {
     const int tid = at::get_thread_num();
-    for (int64_t plane = p0; plane < p1; ++plane) {
-      const int64_t c = plane % C;
-      const acc_t s = scale[c], b = shift[c], m = mean[c];
-      // Local pointers: loads through the lambda's captured references would keep the
-      // loop from vectorizing.
-      const scalar_t* __restrict__ xp = x + plane * S;
-      const scalar_t* __restrict__ gp = g + plane * S;
-      acc_t sg = 0, sgt = 0;
-#pragma omp simd reduction(+ : sg, sgt)
-      for (int64_t i = 0; i < S; ++i) {
-        const acc_t t = static_cast<acc_t>(xp[i]);
-        const acc_t gv = load_grad<Mode, acc_t>(gp[i], t, s, b);
-        sg += gv;
-        sgt += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - m);
+    std::vector<acc_t> lanes(2 * C * V, acc_t(0));
+    const int64_t run = C * std::max<int64_t>(1, kMergeValues / S);
+    for (int64_t r0 = p0; r0 < p1; r0 += run) {
+      const int64_t r1 = std::min(p1, r0 + run);
+      for (int64_t plane = r0, c = r0 % C; plane < r1; ++plane, c = (c + 1 == C) ? 0 : c + 1) {
+        acc_t* sg = &lanes[2 * c * V];
+        grad_lanes<Mode>(g + plane * S, x + plane * S, S, scale[c], shift[c], mean[c], sg,
+                         sg + V);
       }
-      t_g[tid * C + c] += sg;
-      t_gt[tid * C + c] += sgt;
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* sg = &lanes[2 * c * V];
+        double a = 0, b = 0;
+        for (int j = 0; j < V; ++j) {
+          a += sg[j];
+          b += sg[V + j];
+        }
+        std::fill(sg, sg + 2 * V, acc_t(0));
+        t_g[tid * C + c] += a;
+        t_gt[tid * C + c] += b;
+      }
     }
   });
   sum_thread_partials(t_g, t_gt, nthreads, C, sum_g_out, sum_gt_out);
 }
 
+// Σg' and Σg'·(t_in − m) of W channels over m rows (stride C) into sg, sgt, with all sums in
+// registers, as shifted_columns.
+template <int W, int U, int Mode, typename scalar_t, typename acc_t>
+inline void grad_columns(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
+                         int64_t C, int64_t m, const acc_t* __restrict__ mean,
+                         const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+                         acc_t* __restrict__ sg_out, acc_t* __restrict__ sgt_out) {
+  acc_t sg[U][W] = {}, sgt[U][W] = {}, mm[W], ss[W], bb[W];
+  for (int j = 0; j < W; ++j) mm[j] = mean[j], ss[j] = scale[j], bb[j] = shift[j];
+  int64_t r = 0;
+  for (; r + U <= m; r += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const scalar_t* __restrict__ xp = x + (r + u) * C;
+      const scalar_t* __restrict__ gp = g + (r + u) * C;
+#pragma omp simd
+      for (int j = 0; j < W; ++j) {
+        const acc_t t = static_cast<acc_t>(xp[j]);
+        const acc_t gv = load_grad<Mode, acc_t>(gp[j], t, ss[j], bb[j]);
+        sg[u][j] += gv;
+        sgt[u][j] += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - mm[j]);
+      }
+    }
+  }
+  for (; r < m; ++r) {
+    const scalar_t* __restrict__ xp = x + r * C;
+    const scalar_t* __restrict__ gp = g + r * C;
+#pragma omp simd
+    for (int j = 0; j < W; ++j) {
+      const acc_t t = static_cast<acc_t>(xp[j]);
+      const acc_t gv = load_grad<Mode, acc_t>(gp[j], t, ss[j], bb[j]);
+      sg[0][j] += gv;
+      sgt[0][j] += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - mm[j]);
+    }
+  }
+#pragma omp simd
+  for (int j = 0; j < W; ++j) {
+    acc_t a = 0, b = 0;
+    for (int u = 0; u < U; ++u) a += sg[u][j], b += sgt[u][j];
+    sg_out[j] = a;
+    sgt_out[j] = b;
+  }
+}
+
+// The same for the w < kLanes channels left over, at a runtime width.
+template <int Mode, typename scalar_t, typename acc_t>
+inline void grad_columns_tail(const scalar_t* g, const scalar_t* x, int64_t C, int64_t m,
+                              int64_t w, const acc_t* __restrict__ mean,
+                              const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+                              acc_t* __restrict__ sg, acc_t* __restrict__ sgt) {
+  std::fill(sg, sg + w, acc_t(0));
+  std::fill(sgt, sgt + w, acc_t(0));
+  for (int64_t r = 0; r < m; ++r) {
+    const scalar_t* __restrict__ xp = x + r * C;
+    const scalar_t* __restrict__ gp = g + r * C;
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      const acc_t t = static_cast<acc_t>(xp[j]);
+      const acc_t gv = load_grad<Mode, acc_t>(gp[j], t, scale[j], shift[j]);
+      sg[j] += gv;
+      sgt[j] += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - mean[j]);
+    }
+  }
+}
+
+// Blocks of rows as stats_rows, each block's sums of every channel (in chunks of 4, 2 and 1
+// vectors of channels) added into the thread's double partials.
 template <typename scalar_t, typename acc_t, int Mode>
 void backward_reduce_rows(const scalar_t* g, const scalar_t* x, const Geometry& geo,
                           const acc_t* mean, const acc_t* scale, const acc_t* shift,
                           acc_t* sum_g_out, acc_t* sum_gt_out) {
-  const int64_t C = geo.C, rows = geo.rows(), block = rows_per_block(C);
-  const int64_t nblocks = (rows + block - 1) / block;
+  constexpr int V = kLanes<acc_t>;
+  const int64_t C = geo.C, rows = geo.rows();
   const int nthreads = at::get_num_threads();
+  const int64_t block = rows_per_reduce_block(C, rows, nthreads);
+  const int64_t nblocks = (rows + block - 1) / block;
   std::vector<double> t_g(nthreads * C, 0.0), t_gt(nthreads * C, 0.0);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     std::vector<acc_t> bg(C), bgt(C);
     acc_t* __restrict__ sg = bg.data();
     acc_t* __restrict__ sgt = bgt.data();
-    const acc_t *__restrict__ sp = scale, *__restrict__ bp = shift, *__restrict__ mp = mean;
+    double* __restrict__ pg = &t_g[tid * C];
+    double* __restrict__ pgt = &t_gt[tid * C];
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * block, r1 = std::min(rows, r0 + block);
-      std::fill(bg.begin(), bg.end(), acc_t(0));
-      std::fill(bgt.begin(), bgt.end(), acc_t(0));
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* __restrict__ xp = x + r * C;
-        const scalar_t* __restrict__ gp = g + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t t = static_cast<acc_t>(xp[c]);
-          const acc_t gv = load_grad<Mode, acc_t>(gp[c], t, sp[c], bp[c]);
-          sg[c] += gv;
-          sgt[c] += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - mp[c]);
-        }
+      const int64_t r0 = blk * block, m = std::min(rows, r0 + block) - r0;
+      const scalar_t* gb = g + r0 * C;
+      const scalar_t* xb = x + r0 * C;
+      int64_t c = 0;
+      for (; c + 4 * V <= C; c += 4 * V)
+        grad_columns<4 * V, 1, Mode>(gb + c, xb + c, C, m, mean + c, scale + c, shift + c,
+                                     sg + c, sgt + c);
+      if (c + 2 * V <= C) {
+        grad_columns<2 * V, 2, Mode>(gb + c, xb + c, C, m, mean + c, scale + c, shift + c,
+                                     sg + c, sgt + c);
+        c += 2 * V;
       }
-      for (int64_t c = 0; c < C; ++c) {
-        t_g[tid * C + c] += sg[c];
-        t_gt[tid * C + c] += sgt[c];
+      if (c + V <= C) {
+        grad_columns<V, 4, Mode>(gb + c, xb + c, C, m, mean + c, scale + c, shift + c, sg + c,
+                                 sgt + c);
+        c += V;
+      }
+      if (c < C)
+        grad_columns_tail<Mode>(gb + c, xb + c, C, m, C - c, mean + c, scale + c, shift + c,
+                                sg + c, sgt + c);
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) {
+        pg[j] += sg[j];
+        pgt[j] += sgt[j];
       }
     }
   });
