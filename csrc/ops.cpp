@@ -3,7 +3,7 @@
 #include "primitives.h"
 
 TORCH_LIBRARY(bnorder_cpu, m) {
-  m.def("stats(Tensor t, int relu_mode) -> (Tensor mean, Tensor var)");
+  m.def("stats(Tensor t, int relu_mode, bool exact=False) -> (Tensor mean, Tensor var)");
   m.def("apply(Tensor t, Tensor scale, Tensor shift, int relu_mode) -> Tensor");
   m.def("backward_reduce(Tensor g, Tensor t, Tensor mean, Tensor scale, Tensor shift, "
         "int relu_mode) -> (Tensor sum_g, Tensor sum_gt)");

@@ -230,7 +230,7 @@ inline void shifted_lanes(const scalar_t* __restrict__ p, int64_t n, acc_t k,
 // reading 8×8 values. The thread's first plane of a channel has no running mean yet and is read
 // twice, its own mean being the shift.
 template <typename scalar_t, typename acc_t, int Mode>
-void stats_planes(const scalar_t* x, const Geometry& geo, acc_t* mean_out, acc_t* var_out) {
+void stats_planes(const scalar_t* x, const Geometry& geo, double* mean_out, double* var_out) {
   constexpr int V = kLanes<acc_t>;
   const int64_t S = geo.S, C = geo.C;
   const int nthreads = at::get_num_threads();
@@ -293,8 +293,8 @@ void stats_planes(const scalar_t* x, const Geometry& geo, acc_t* mean_out, acc_t
     double n = 0, mean = 0, m2 = 0;
     for (int t = 0; t < nthreads; ++t)
       chan_merge(n, mean, m2, t_n[t * C + c], t_mean[t * C + c], t_m2[t * C + c]);
-    mean_out[c] = static_cast<acc_t>(mean);
-    var_out[c] = static_cast<acc_t>(n > 0 ? m2 / n : 0.0);
+    mean_out[c] = mean;
+    var_out[c] = n > 0 ? m2 / n : 0.0;
   }
 }
 
@@ -378,7 +378,7 @@ void shifted_rows(const scalar_t* x, int64_t C, int64_t m, const acc_t* k, acc_t
 // A block of rows is read once, its sums shifted by the thread's running mean of each channel;
 // the thread's first block has none yet and is read twice, its own mean being the shift.
 template <typename scalar_t, typename acc_t, int Mode>
-void stats_rows(const scalar_t* x, const Geometry& geo, acc_t* mean_out, acc_t* var_out) {
+void stats_rows(const scalar_t* x, const Geometry& geo, double* mean_out, double* var_out) {
   const int64_t C = geo.C, rows = geo.rows();
   const int nthreads = at::get_num_threads();
   const int64_t block = rows_per_reduce_block(C, rows, nthreads);
@@ -420,8 +420,8 @@ void stats_rows(const scalar_t* x, const Geometry& geo, acc_t* mean_out, acc_t* 
   for (int64_t c = 0; c < C; ++c) {
     double n = 0, mean = 0, m2 = 0;
     for (int t = 0; t < nthreads; ++t) chan_merge(n, mean, m2, t_n[t], t_mean[t * C + c], t_m2[t * C + c]);
-    mean_out[c] = static_cast<acc_t>(mean);
-    var_out[c] = static_cast<acc_t>(n > 0 ? m2 / n : 0.0);
+    mean_out[c] = mean;
+    var_out[c] = n > 0 ? m2 / n : 0.0;
   }
 }
 
@@ -746,14 +746,16 @@ using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, floa
 // Entry points
 // ---------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& t, int64_t relu_mode) {
+std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& t, int64_t relu_mode, bool exact) {
   const char* op = "bnorder_cpu::stats";
   const Geometry geo = geometry_of(t, op);
   check_relu_mode(relu_mode, op);
   TORCH_CHECK(geo.N * geo.S > 0, op, ": cannot compute statistics of an empty tensor (size ",
               t.sizes(), ")");
-  auto mean = at::empty({geo.C}, t.options().dtype(acc_type_of(t)));
-  auto var = at::empty({geo.C}, t.options().dtype(acc_type_of(t)));
+  // The kernels merge in double; `exact` returns that, not its float32 rounding (the
+  // synchronized merge of several processes' statistics needs the digits, see fused/sync.py).
+  auto mean = at::empty({geo.C}, t.options().dtype(at::kDouble));
+  auto var = at::empty({geo.C}, t.options().dtype(at::kDouble));
   BNORDER_DISPATCH_TYPES(t, "bnorder_stats", [&] {
     using acc_t = acc_of<scalar_t>;
     BNORDER_DISPATCH_RELU(relu_mode, [&] {
@@ -761,13 +763,14 @@ std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& t, int64_t relu_mode)
       constexpr int M = Mode == RELU_BEFORE ? RELU_BEFORE : RELU_NONE;
       if (geo.rows_by_channels)
         stats_rows<scalar_t, acc_t, M>(t.const_data_ptr<scalar_t>(), geo,
-                                       mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+                                       mean.mutable_data_ptr<double>(), var.mutable_data_ptr<double>());
       else
         stats_planes<scalar_t, acc_t, M>(t.const_data_ptr<scalar_t>(), geo,
-                                         mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+                                         mean.mutable_data_ptr<double>(), var.mutable_data_ptr<double>());
     });
   });
-  return {mean, var};
+  if (exact || acc_type_of(t) == at::kDouble) return {mean, var};
+  return {mean.to(acc_type_of(t)), var.to(acc_type_of(t))};
 }
 
 at::Tensor apply(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift,

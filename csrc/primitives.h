@@ -25,7 +25,8 @@ namespace bnorder {
 
 constexpr int64_t RELU_NONE = 0, RELU_AFTER = 1, RELU_BEFORE = 2;
 
-std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& t, int64_t relu_mode);
+// exact: float64 results whatever the activation dtype.
+std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& t, int64_t relu_mode, bool exact = false);
 
 at::Tensor apply(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift,
                  int64_t relu_mode);

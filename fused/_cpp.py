@@ -19,6 +19,11 @@ def stats(t: Tensor, relu_mode: int):
     return _ops.stats(t, relu_mode)
 
 
+def exact_stats(t: Tensor, relu_mode: int):
+    """stats in float64 whatever t's dtype (for the synchronized merge)."""
+    return _ops.stats(t, relu_mode, True)
+
+
 def apply(t: Tensor, scale: Tensor, shift: Tensor, relu_mode: int) -> Tensor:
     return _ops.apply(t, scale, shift, relu_mode)
 
@@ -61,9 +66,9 @@ def norm_backward(g: Tensor, t: Tensor, mean, var, gamma, beta, eps: float, norm
 
 if _ext.loaded:
     @torch.library.register_fake("bnorder_cpu::stats")
-    def _(t, relu_mode):
-        c = t.shape[1]
-        return t.new_empty(c, dtype=_acc(t)), t.new_empty(c, dtype=_acc(t))
+    def _(t, relu_mode, exact=False):
+        c, dtype = t.shape[1], torch.float64 if exact else _acc(t)
+        return t.new_empty(c, dtype=dtype), t.new_empty(c, dtype=dtype)
 
     @torch.library.register_fake("bnorder_cpu::apply")
     def _(t, scale, shift, relu_mode):

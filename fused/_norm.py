@@ -111,11 +111,16 @@ def forward(prims, t: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
                                   relu_mode, apply)
     channels = t.shape[1]
     batch_stats = norm != "affine" and mean_in is None
-    if batch_stats:
+    if batch_stats and sync >= 0:
+        from . import sync as _sync
+        # The merge's between-process term needs each process's mean to more digits than
+        # float32 keeps when |mean| >> std: the backend's float64 statistics where it has them;
+        # the merged result is rounded once, as one process's statistics are.
+        exact_stats = getattr(prims, "exact_stats", prims.stats)
+        mean, var = _sync.merge_stats(sync, *exact_stats(t, relu_mode), t.numel() // channels)
+        mean, var = mean.to(acc_dtype(t)), var.to(acc_dtype(t))
+    elif batch_stats:
         mean, var = prims.stats(t, relu_mode)
-        if sync >= 0:
-            from . import sync as _sync
-            mean, var = _sync.merge_stats(sync, mean, var, t.numel() // channels)
     else:
         mean, var = mean_in, var_in
     scale, shift, _, _ = coefficients(norm, mean, var, gamma, beta, eps, channels, t)

@@ -96,7 +96,7 @@ class _SyncNorm(torch.autograd.Function):
         count = t.numel() // channels
         # Moments around a pivot (the first element per channel), the mean sent in float64:
         # a float32 mean far from zero (|mean| >> std) would cost the merge's between-rank
-        # term its digits. (The fused ops send the float32 mean of their stats primitive.)
+        # term its digits. (The fused ops send the float64 statistics of the C++ stats primitive.)
         pivot = t[:1, :, :1, :1]
         shifted_mean, var = reference.stats(t - pivot, 0)
         mean, var = merge_stats(key, shifted_mean.double() + pivot.double().flatten(), var,
