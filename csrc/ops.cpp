@@ -21,6 +21,12 @@ TORCH_LIBRARY(bnorder_cpu, m) {
         "Tensor? beta, float eps, int norm, int relu_mode, bool batch_stats, "
         "bool input_grad, Tensor? sum_g=None, Tensor? sum_gt=None) -> (Tensor dt, "
         "Tensor dgamma, Tensor dbeta)");
+  m.def("fold_forward(Tensor weight, Tensor scale, Tensor shift, int[] in_hw, int[] out_hw, "
+        "int[] stride, int[] padding, int[] dilation, int groups) -> (Tensor scaled_weight, "
+        "Tensor border_map)");
+  m.def("fold_backward(Tensor weight, Tensor wgrad, Tensor grad_sum, Tensor scale, "
+        "Tensor shift, Tensor mean, int[] in_hw, int[] stride, int[] padding, int[] dilation, "
+        "int groups) -> (Tensor dweight, Tensor sum_dn, Tensor sum_dn_centered)");
   m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
         "Tensor var, int count, float momentum) -> ()");
 }
@@ -36,6 +42,8 @@ TORCH_LIBRARY_IMPL(bnorder_cpu, CPU, m) {
   m.impl("norm_backward", &bnorder::norm_backward);
   m.impl("coefficients", &bnorder::coefficients);
   m.impl("update_running_stats", &bnorder::update_running_stats);
+  m.impl("fold_forward", &bnorder::fold_forward);
+  m.impl("fold_backward", &bnorder::fold_backward);
 }
 
 // An importable Python module: `from fused import _C` loads the library and runs the

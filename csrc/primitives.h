@@ -65,6 +65,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
     bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sum_g,
     const c10::optional<at::Tensor>& sum_gt);
 
+// bn-conv-relu's weight-side algebra around its folded convolution (fold.cpp).
+std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight, const at::Tensor& scale,
+                                                const at::Tensor& shift, at::IntArrayRef in_hw,
+                                                at::IntArrayRef out_hw, at::IntArrayRef stride,
+                                                at::IntArrayRef padding,
+                                                at::IntArrayRef dilation, int64_t groups);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
+    const at::Tensor& weight, const at::Tensor& wgrad, const at::Tensor& grad_sum,
+    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
+    at::IntArrayRef in_hw, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups);
+
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,
                           const at::Tensor& mean, const at::Tensor& var, int64_t count,
                           double momentum);

@@ -140,3 +140,22 @@ def input_channel_sums(weight: Tensor, taps: Tensor, wgrad: Tensor, groups: int)
     out_channels, per_group = weight.shape[:2]
     sums = per_tap.view(2, groups, out_channels // groups, per_group).sum(2).reshape(2, -1)
     return sums[0], sums[1]
+
+
+# bn-conv-relu's weight side in one call per direction; the C++ backend has the same two
+# functions (csrc/fold.cpp), bn_conv_relu picks the backend's when it has them.
+def fold_forward(weight: Tensor, scale: Tensor, shift: Tensor, in_hw, out_hw, stride, padding,
+                 dilation, groups: int):
+    """(W·s, border map conv(B, W)) for the folded forward."""
+    return (scale_in_channels(weight, scale, groups),
+            border_map(shift, weight, in_hw, out_hw, stride, padding, dilation, groups))
+
+
+def fold_backward(weight: Tensor, wgrad: Tensor, grad_sum: Tensor, scale: Tensor,
+                  shift: Tensor, mean: Tensor, in_hw, stride, padding, dilation, groups: int):
+    """(dW, Σdn, Σdn·(x − mean)) from the weight gradient G = wgrad(x, g) and Σ_n g."""
+    taps = border_taps(grad_sum, weight, in_hw, stride, padding, dilation, scale.dtype)
+    sum_dn, sum_dn_x = input_channel_sums(weight, taps, wgrad, groups)
+    dweight = (scale_in_channels(wgrad, scale, groups)
+               + border_map_weight_grad(shift, taps, weight, groups))
+    return dweight, sum_dn, sum_dn_x - mean * sum_dn

@@ -46,6 +46,17 @@ def relu_grad_batch_sum(g: Tensor, out: Tensor):
     return _ops.relu_grad_batch_sum(g, out)
 
 
+def fold_forward(weight, scale, shift, in_hw, out_hw, stride, padding, dilation, groups):
+    return _ops.fold_forward(weight, scale, shift, list(in_hw), list(out_hw), stride, padding,
+                             dilation, groups)
+
+
+def fold_backward(weight, wgrad, grad_sum, scale, shift, mean, in_hw, stride, padding,
+                  dilation, groups):
+    return _ops.fold_backward(weight, wgrad, grad_sum, scale, shift, mean, list(in_hw), stride,
+                              padding, dilation, groups)
+
+
 # The norm around the primitives in one call each (csrc/norm.cpp; _norm.forward/backward
 # compose the same steps in torch ops for the other backends).
 def coefficients(mean, var, gamma, beta, eps: float, norm_code: int, channels: int, acc):
@@ -106,6 +117,16 @@ if _ext.loaded:
         c = t.shape[1]
         return (torch.empty_like(t) if input_grad else t.new_empty(0),
                 t.new_empty(c, dtype=_acc(t)), t.new_empty(c, dtype=_acc(t)))
+
+    @torch.library.register_fake("bnorder_cpu::fold_forward")
+    def _(weight, scale, shift, in_hw, out_hw, stride, padding, dilation, groups):
+        return torch.empty_like(weight), weight.new_empty(1, weight.shape[0], *out_hw)
+
+    @torch.library.register_fake("bnorder_cpu::fold_backward")
+    def _(weight, wgrad, grad_sum, scale, shift, mean, in_hw, stride, padding, dilation,
+          groups):
+        c = weight.shape[1] * groups
+        return torch.empty_like(weight), weight.new_empty(c), weight.new_empty(c)
 
     @torch.library.register_fake("bnorder_cpu::update_running_stats")
     def _(running_mean, running_var, mean, var, count, momentum):

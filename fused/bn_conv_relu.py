@@ -13,8 +13,8 @@ independently along each axis, and
     conv(B, W)[o, i, j] = Σ_{k,l} v[o, k, l]·inside_h[i, k]·inside_w[j, l]
     v[o, k, l] = Σ_c W[o, c, k, l]·b_c
 
-one small matrix product of v with the cached 0/1 matrix of inside_h·inside_w
-(_conv.border_map), where a batch-1 convolution would take ATen's slow path:
+a few weight-sized sums (_conv.fold_forward; csrc/fold.cpp on the C++ backend), where a
+batch-1 convolution would take ATen's slow path:
 
     mean, var = stats(x)                      one read of x (training only)
     z = conv(x, W·s, bias) + conv(B, W)       the norm costs no pass over any activation
@@ -83,6 +83,11 @@ def _folds(x: Tensor, weight: Tensor, norm: str, mean: Optional[Tensor],
     return bool((mean.square() <= (var + eps) * FOLD_MAX_MEAN_OVER_STD ** 2).all())
 
 
+def _fold_ops(prims):
+    """The backend's fold_forward / fold_backward, or their torch composition (_conv)."""
+    return prims if hasattr(prims, "fold_forward") else _conv
+
+
 def _border_ops(prims):
     """The backend's add_map_relu / relu_grad_batch_sum, or the torch reference."""
     return prims if hasattr(prims, "add_map_relu") else _backend.primitives_reference()
@@ -106,11 +111,12 @@ def _norm_conv_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
                                                norm, RELU_NONE, False, sync)
     used = (mean, var) if batch_stats else (mean_in, var_in)
     if _folds(x, weight, norm, *used, eps):
-        z = _conv.conv(x, _conv.scale_in_channels(weight, scale, groups), bias, stride,
-                       padding, dilation, groups)
-        border = _conv.border_map(shift, weight, x.shape[2:], z.shape[2:], stride, padding,
-                                  dilation, groups)
-        z = _border_ops(prims).add_map_relu(z, border.to(z.dtype), relu)  # one pass
+        out_hw = _norm.conv_output_hw(x, weight, stride, padding, dilation)
+        scaled_weight, border = _fold_ops(prims).fold_forward(
+            weight, scale.to(weight.dtype), shift.to(weight.dtype), x.shape[2:], out_hw, stride,
+            padding, dilation, groups)
+        z = _conv.conv(x, scaled_weight, bias, stride, padding, dilation, groups)
+        z = _border_ops(prims).add_map_relu(z, border, relu)  # one pass
     else:
         z = _conv.conv(prims.apply(x, scale, shift, RELU_NONE), weight, bias, stride, padding,
                        dilation, groups)
@@ -165,12 +171,10 @@ def _norm_conv_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weight: Tenso
     if sums_from_weights:
         if g_batch_sum is None:
             g_batch_sum = _conv.batch_sum(g)
-        taps = _conv.border_taps(g_batch_sum, weight, x.shape[2:], stride, padding, dilation,
-                                 scale.dtype)
-        sum_dn, sum_dn_x = _conv.input_channel_sums(weight, taps, dweight, groups)
-        sums = (sum_dn, sum_dn_x - mean_c * sum_dn)
-        dweight = (_conv.scale_in_channels(dweight, scale, groups)
-                   + _conv.border_map_weight_grad(shift, taps, weight, groups))
+        dweight, sum_dn, sum_dn_centered = _fold_ops(prims).fold_backward(
+            weight, dweight, g_batch_sum, scale.to(weight.dtype), shift.to(weight.dtype),
+            mean_c.to(weight.dtype), x.shape[2:], stride, padding, dilation, groups)
+        sums = (sum_dn.to(scale.dtype), sum_dn_centered.to(scale.dtype))
     dnorm = (dnorm.contiguous(memory_format=_conv.memory_format_of(x)) if dnorm is not None
              else x.new_empty(0))
     dx, dgamma, dbeta = _norm.backward(prims, dnorm, x, mean, var, gamma, beta, eps, norm,

@@ -324,6 +324,23 @@ def test_border_map_and_weight_side_sums_equal_the_convolutions(geometry):
     torch.testing.assert_close(sum_dn, dn.sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sum_dn_x, (dn * x).sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
 
+    # The C++ backend's fold_forward / fold_backward (csrc/fold.cpp) against the same steps
+    # composed from the torch helpers above.
+    if fused.backend() == "cpp":
+        from fused import _cpp
+        scale, mean = torch.rand(cin, dtype=torch.float64) + 0.5, torch.randn(cin, dtype=torch.float64)
+        for name, a, b in zip(
+                ("scaled weight", "border map", "dweight", "sum_dn", "sum_dn_centered"),
+                (*_cpp.fold_forward(weight, scale, shift, (h, w), expected.shape[2:], stride,
+                                    padding, dilation, groups),
+                 *_cpp.fold_backward(weight.detach(), wgrad, g.sum(0, keepdim=True), scale,
+                                     shift, mean, (h, w), stride, padding, dilation, groups)),
+                (*_conv.fold_forward(weight, scale, shift, (h, w), expected.shape[2:], stride,
+                                     padding, dilation, groups),
+                 *_conv.fold_backward(weight.detach(), wgrad, g.sum(0, keepdim=True), scale,
+                                      shift, mean, (h, w), stride, padding, dilation, groups))):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
 
 @pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -384,6 +401,13 @@ def test_opcheck_cpp_primitives():
             torch.library.opcheck(ops.norm_forward, (t, *params, *stats_in, 1e-5, norm, 1, True))
         torch.library.opcheck(ops.norm_backward, (g, t, mean, var, *params, 1e-5, norm, 2, True,
                                                   True))
+    weight = torch.randn(6, 2, 3, 3)
+    scale, shift, mean_c = torch.rand(4) + 0.5, torch.randn(4), torch.randn(4)
+    torch.library.opcheck(ops.fold_forward, (weight, scale, shift, [5, 5], [3, 3], [2, 2],
+                                             [1, 1], [1, 1], 2))
+    torch.library.opcheck(ops.fold_backward, (weight, torch.randn(6, 2, 3, 3),
+                                              torch.randn(1, 6, 3, 3), scale, shift, mean_c,
+                                              [5, 5], [2, 2], [1, 1], [1, 1], 2))
     torch.library.opcheck(ops.update_running_stats, (torch.zeros(4), torch.ones(4), mean, var,
                                                      t.numel() // 4, 0.1))
 

@@ -1,0 +1,196 @@
+// bn-conv-relu's weight-side algebra around its folded convolution, one call per direction
+// (fused/bn_conv_relu.py has the math; fused/_conv.py the same steps in torch ops for the
+// other backends):
+//
+//   fold_forward(W, s, b)      -> W·s_c (each weight scaled by the scale of the input channel
+//                                 it reads) and the border map conv(B, W), B = b_c inside the
+//                                 image, zero padding:
+//                                 map[o, i, j] = Σ_{k,l} v[o, k, l]·in_h(i, k)·in_w(j, l),
+//                                 v[o, k, l] = Σ_c W[o, c, k, l]·b_c
+//   fold_backward(W, G, Σ_n g) -> dW = s_c·G + b_c·u[o, k, l],
+//                                 Σdn_c = Σ_{o,k,l} W·u,  Σdn·(x − mean)_c = Σ_{o,k,l} W·G − mean_c·Σdn_c
+//                                 with u[o, k, l] = Σ_{i,j} Σ_n g[o, i, j]·in_h(i, k)·in_w(j, l)
+//
+// in_h(i, k) = 1 when tap k of output row i reads inside the image (0 <= i·stride − pad +
+// k·dilation < H), likewise in_w. All of it is weight-sized: in torch ops it was ~40 tensor
+// calls per unit and step, as much time as a pass over a small layer's activation.
+#include "primitives.h"
+
+#include <ATen/Dispatch.h>
+
+#include <vector>
+
+namespace bnorder {
+namespace {
+
+// inside[i·k_size + k] for one axis.
+std::vector<char> inside_axis(int64_t in, int64_t out, int64_t k_size, int64_t stride,
+                              int64_t padding, int64_t dilation) {
+  std::vector<char> inside(out * k_size);
+  for (int64_t i = 0; i < out; ++i)
+    for (int64_t k = 0; k < k_size; ++k) {
+      const int64_t pos = i * stride - padding + k * dilation;
+      inside[i * k_size + k] = pos >= 0 && pos < in;
+    }
+  return inside;
+}
+
+struct FoldGeometry {
+  int64_t O, Cg, KH, KW, groups, out_per_group;
+  int64_t in_channel(int64_t o, int64_t c) const { return (o / out_per_group) * Cg + c; }
+};
+
+FoldGeometry check_fold(const at::Tensor& weight, const at::Tensor& scale,
+                        const at::Tensor& shift, int64_t groups, const char* op) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 4, op,
+              ": expected a 4-D CPU conv weight, got ", weight.sizes(), " on ", weight.device());
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,
+              ": the fold is for float32/float64 weights, got ", weight.scalar_type());
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, op, ": bad groups=", groups,
+              " for weight ", weight.sizes());
+  const int64_t C = weight.size(1) * groups;
+  for (const at::Tensor* v : {&scale, &shift}) {
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == C && v->scalar_type() == weight.scalar_type() &&
+                    v->is_contiguous(),
+                op, ": scale and shift must be contiguous (", C, ",) ", weight.scalar_type(),
+                " vectors, got ", v->sizes(), " ", v->scalar_type());
+  }
+  return {weight.size(0), weight.size(1), weight.size(2), weight.size(3), groups,
+          weight.size(0) / groups};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight_in,
+                                                const at::Tensor& scale,
+                                                const at::Tensor& shift, at::IntArrayRef in_hw,
+                                                at::IntArrayRef out_hw, at::IntArrayRef stride,
+                                                at::IntArrayRef padding,
+                                                at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "bnorder_cpu::fold_forward";
+  const at::Tensor weight = weight_in.contiguous();
+  const FoldGeometry g = check_fold(weight, scale, shift, groups, op);
+  TORCH_CHECK(in_hw.size() == 2 && out_hw.size() == 2 && stride.size() == 2 &&
+                  padding.size() == 2 && dilation.size() == 2,
+              op, ": in_hw, out_hw, stride, padding and dilation must be pairs");
+  const int64_t HO = out_hw[0], WO = out_hw[1];
+  const auto in_h = inside_axis(in_hw[0], HO, g.KH, stride[0], padding[0], dilation[0]);
+  const auto in_w = inside_axis(in_hw[1], WO, g.KW, stride[1], padding[1], dilation[1]);
+  auto scaled = at::empty_like(weight);
+  auto map = at::empty({1, g.O, HO, WO}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "bnorder_fold_forward", [&] {
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    const scalar_t* s = scale.const_data_ptr<scalar_t>();
+    const scalar_t* b = shift.const_data_ptr<scalar_t>();
+    scalar_t* ws = scaled.mutable_data_ptr<scalar_t>();
+    scalar_t* m = map.mutable_data_ptr<scalar_t>();
+    const int64_t taps = g.KH * g.KW;
+    std::vector<scalar_t> v(taps), rows(g.KH * WO);
+    for (int64_t o = 0; o < g.O; ++o) {
+      std::fill(v.begin(), v.end(), scalar_t(0));
+      for (int64_t c = 0; c < g.Cg; ++c) {
+        const int64_t ci = g.in_channel(o, c);
+        const scalar_t* wp = w + (o * g.Cg + c) * taps;
+        scalar_t* wsp = ws + (o * g.Cg + c) * taps;
+        for (int64_t t = 0; t < taps; ++t) {
+          wsp[t] = wp[t] * s[ci];
+          v[t] += wp[t] * b[ci];
+        }
+      }
+      // Separably: rows[k, j] = Σ_l v[k, l]·in_w(j, l), then map[i, j] = Σ_k in_h(i, k)·rows[k, j].
+      for (int64_t k = 0; k < g.KH; ++k)
+        for (int64_t j = 0; j < WO; ++j) {
+          scalar_t acc = 0;
+          for (int64_t l = 0; l < g.KW; ++l)
+            if (in_w[j * g.KW + l]) acc += v[k * g.KW + l];
+          rows[k * WO + j] = acc;
+        }
+      scalar_t* mo = m + o * HO * WO;
+      for (int64_t i = 0; i < HO; ++i) {
+        scalar_t* mi = mo + i * WO;
+        std::fill(mi, mi + WO, scalar_t(0));
+        for (int64_t k = 0; k < g.KH; ++k) {
+          if (!in_h[i * g.KH + k]) continue;
+          const scalar_t* r = &rows[k * WO];
+          for (int64_t j = 0; j < WO; ++j) mi[j] += r[j];
+        }
+      }
+    }
+  });
+  return {scaled, map};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
+    const at::Tensor& weight_in, const at::Tensor& wgrad_in, const at::Tensor& grad_sum_in,
+    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
+    at::IntArrayRef in_hw, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "bnorder_cpu::fold_backward";
+  const at::Tensor weight = weight_in.contiguous();
+  const FoldGeometry g = check_fold(weight, scale, shift, groups, op);
+  const int64_t C = g.Cg * groups;
+  TORCH_CHECK(wgrad_in.sizes() == weight.sizes() && wgrad_in.scalar_type() == weight.scalar_type(),
+              op, ": the weight gradient must match the weight, got ", wgrad_in.sizes(), " ",
+              wgrad_in.scalar_type());
+  TORCH_CHECK(grad_sum_in.dim() == 4 && grad_sum_in.size(0) == 1 && grad_sum_in.size(1) == g.O &&
+                  grad_sum_in.scalar_type() == weight.scalar_type(),
+              op, ": grad_sum must be (1, ", g.O, ", H_out, W_out) ", weight.scalar_type(),
+              ", got ", grad_sum_in.sizes(), " ", grad_sum_in.scalar_type());
+  TORCH_CHECK(mean.dim() == 1 && mean.size(0) == C && mean.scalar_type() == weight.scalar_type() &&
+                  mean.is_contiguous(),
+              op, ": mean must be a contiguous (", C, ",) vector");
+  const at::Tensor wgrad = wgrad_in.contiguous();
+  const at::Tensor grad_sum = grad_sum_in.contiguous();
+  const int64_t HO = grad_sum.size(2), WO = grad_sum.size(3);
+  const auto in_h = inside_axis(in_hw[0], HO, g.KH, stride[0], padding[0], dilation[0]);
+  const auto in_w = inside_axis(in_hw[1], WO, g.KW, stride[1], padding[1], dilation[1]);
+  auto dweight = at::empty_like(weight);
+  auto sum_dn = at::empty({C}, weight.options());
+  auto sum_dn_centered = at::empty({C}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "bnorder_fold_backward", [&] {
+    const scalar_t *w = weight.const_data_ptr<scalar_t>(), *G = wgrad.const_data_ptr<scalar_t>(),
+                   *gs = grad_sum.const_data_ptr<scalar_t>(), *s = scale.const_data_ptr<scalar_t>(),
+                   *b = shift.const_data_ptr<scalar_t>(), *mu = mean.const_data_ptr<scalar_t>();
+    scalar_t* dw = dweight.mutable_data_ptr<scalar_t>();
+    const int64_t taps = g.KH * g.KW;
+    std::vector<double> dn(C, 0.0), dnx(C, 0.0), cols(HO * g.KW);
+    std::vector<double> u(taps);
+    for (int64_t o = 0; o < g.O; ++o) {
+      // cols[i, l] = Σ_j g[i, j]·in_w(j, l), then u[k, l] = Σ_i in_h(i, k)·cols[i, l].
+      const scalar_t* go = gs + o * HO * WO;
+      for (int64_t i = 0; i < HO; ++i)
+        for (int64_t l = 0; l < g.KW; ++l) {
+          double acc = 0;
+          for (int64_t j = 0; j < WO; ++j)
+            if (in_w[j * g.KW + l]) acc += static_cast<double>(go[i * WO + j]);
+          cols[i * g.KW + l] = acc;
+        }
+      for (int64_t k = 0; k < g.KH; ++k)
+        for (int64_t l = 0; l < g.KW; ++l) {
+          double acc = 0;
+          for (int64_t i = 0; i < HO; ++i)
+            if (in_h[i * g.KH + k]) acc += cols[i * g.KW + l];
+          u[k * g.KW + l] = acc;
+        }
+      for (int64_t c = 0; c < g.Cg; ++c) {
+        const int64_t ci = g.in_channel(o, c);
+        const int64_t base = (o * g.Cg + c) * taps;
+        for (int64_t t = 0; t < taps; ++t) {
+          dw[base + t] = static_cast<scalar_t>(static_cast<double>(G[base + t]) * s[ci] +
+                                               static_cast<double>(b[ci]) * u[t]);
+          dn[ci] += static_cast<double>(w[base + t]) * u[t];
+          dnx[ci] += static_cast<double>(w[base + t]) * static_cast<double>(G[base + t]);
+        }
+      }
+    }
+    scalar_t *sd = sum_dn.mutable_data_ptr<scalar_t>(),
+             *sdc = sum_dn_centered.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      sd[c] = static_cast<scalar_t>(dn[c]);
+      sdc[c] = static_cast<scalar_t>(dnx[c] - static_cast<double>(mu[c]) * dn[c]);
+    }
+  });
+  return {dweight, sum_dn, sum_dn_centered};
+}
+
+}  // namespace bnorder
