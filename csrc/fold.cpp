@@ -17,6 +17,7 @@
 #include "primitives.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <vector>
 
@@ -85,8 +86,11 @@ std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight_in,
     scalar_t* ws = scaled.mutable_data_ptr<scalar_t>();
     scalar_t* m = map.mutable_data_ptr<scalar_t>();
     const int64_t taps = g.KH * g.KW;
+    // Output channels are independent: split them over the threads (wide layers have
+    // millions of weights).
+    at::parallel_for(0, g.O, 16, [&](int64_t o0, int64_t o1) {
     std::vector<scalar_t> v(taps), rows(g.KH * WO);
-    for (int64_t o = 0; o < g.O; ++o) {
+    for (int64_t o = o0; o < o1; ++o) {
       std::fill(v.begin(), v.end(), scalar_t(0));
       for (int64_t c = 0; c < g.Cg; ++c) {
         const int64_t ci = g.in_channel(o, c);
@@ -116,6 +120,7 @@ std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight_in,
         }
       }
     }
+    });
   });
   return {scaled, map};
 }
@@ -153,42 +158,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
                    *b = shift.const_data_ptr<scalar_t>(), *mu = mean.const_data_ptr<scalar_t>();
     scalar_t* dw = dweight.mutable_data_ptr<scalar_t>();
     const int64_t taps = g.KH * g.KW;
-    std::vector<double> dn(C, 0.0), dnx(C, 0.0), cols(HO * g.KW);
-    std::vector<double> u(taps);
-    for (int64_t o = 0; o < g.O; ++o) {
-      // cols[i, l] = Σ_j g[i, j]·in_w(j, l), then u[k, l] = Σ_i in_h(i, k)·cols[i, l].
-      const scalar_t* go = gs + o * HO * WO;
-      for (int64_t i = 0; i < HO; ++i)
-        for (int64_t l = 0; l < g.KW; ++l) {
-          double acc = 0;
-          for (int64_t j = 0; j < WO; ++j)
-            if (in_w[j * g.KW + l]) acc += static_cast<double>(go[i * WO + j]);
-          cols[i * g.KW + l] = acc;
-        }
-      for (int64_t k = 0; k < g.KH; ++k)
-        for (int64_t l = 0; l < g.KW; ++l) {
-          double acc = 0;
-          for (int64_t i = 0; i < HO; ++i)
-            if (in_h[i * g.KH + k]) acc += cols[i * g.KW + l];
-          u[k * g.KW + l] = acc;
-        }
-      for (int64_t c = 0; c < g.Cg; ++c) {
-        const int64_t ci = g.in_channel(o, c);
-        const int64_t base = (o * g.Cg + c) * taps;
-        for (int64_t t = 0; t < taps; ++t) {
-          dw[base + t] = static_cast<scalar_t>(static_cast<double>(G[base + t]) * s[ci] +
-                                               static_cast<double>(b[ci]) * u[t]);
-          dn[ci] += static_cast<double>(w[base + t]) * u[t];
-          dnx[ci] += static_cast<double>(w[base + t]) * static_cast<double>(G[base + t]);
+    std::vector<double> u(g.O * taps);
+    // Per output channel (independent, split over the threads): its taps u and its rows of dW.
+    at::parallel_for(0, g.O, 16, [&](int64_t o0, int64_t o1) {
+      std::vector<double> cols(HO * g.KW);
+      for (int64_t o = o0; o < o1; ++o) {
+        // cols[i, l] = Σ_j g[i, j]·in_w(j, l), then u[k, l] = Σ_i in_h(i, k)·cols[i, l].
+        const scalar_t* go = gs + o * HO * WO;
+        for (int64_t i = 0; i < HO; ++i)
+          for (int64_t l = 0; l < g.KW; ++l) {
+            double acc = 0;
+            for (int64_t j = 0; j < WO; ++j)
+              if (in_w[j * g.KW + l]) acc += static_cast<double>(go[i * WO + j]);
+            cols[i * g.KW + l] = acc;
+          }
+        double* uo = &u[o * taps];
+        for (int64_t k = 0; k < g.KH; ++k)
+          for (int64_t l = 0; l < g.KW; ++l) {
+            double acc = 0;
+            for (int64_t i = 0; i < HO; ++i)
+              if (in_h[i * g.KH + k]) acc += cols[i * g.KW + l];
+            uo[k * g.KW + l] = acc;
+          }
+        for (int64_t c = 0; c < g.Cg; ++c) {
+          const int64_t ci = g.in_channel(o, c);
+          const int64_t base = (o * g.Cg + c) * taps;
+          for (int64_t t = 0; t < taps; ++t)
+            dw[base + t] = static_cast<scalar_t>(static_cast<double>(G[base + t]) * s[ci] +
+                                                 static_cast<double>(b[ci]) * uo[t]);
         }
       }
-    }
+    });
+    // Per input channel (split over the threads): Σ over the output channels of its group.
     scalar_t *sd = sum_dn.mutable_data_ptr<scalar_t>(),
              *sdc = sum_dn_centered.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      sd[c] = static_cast<scalar_t>(dn[c]);
-      sdc[c] = static_cast<scalar_t>(dnx[c] - static_cast<double>(mu[c]) * dn[c]);
-    }
+    at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+      for (int64_t ci = c0; ci < c1; ++ci) {
+        const int64_t group = ci / g.Cg, c = ci % g.Cg;
+        double dn = 0, dnx = 0;
+        for (int64_t o = group * g.out_per_group; o < (group + 1) * g.out_per_group; ++o) {
+          const int64_t base = (o * g.Cg + c) * taps;
+          const double* uo = &u[o * taps];
+          for (int64_t t = 0; t < taps; ++t) {
+            dn += static_cast<double>(w[base + t]) * uo[t];
+            dnx += static_cast<double>(w[base + t]) * static_cast<double>(G[base + t]);
+          }
+        }
+        sd[ci] = static_cast<scalar_t>(dn);
+        sdc[ci] = static_cast<scalar_t>(dnx - static_cast<double>(mu[ci]) * dn);
+      }
+    });
   });
   return {dweight, sum_dn, sum_dn_centered};
 }
