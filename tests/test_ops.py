@@ -565,6 +565,32 @@ def test_cpp_primitives_reject_bad_input():
                             t, torch.zeros(4), torch.ones(4), torch.zeros(4), 0)
     with pytest.raises(RuntimeError, match="does not match input size"):
         ops.backward_apply(torch.randn(2, 4, 3, 2), t, *[torch.ones(4)] * 6, 0)
+    # the norm composites, the fold and the running-statistics update
+    with pytest.raises(RuntimeError, match="gamma must have shape"):
+        ops.norm_forward(t, torch.ones(3), torch.zeros(4), None, None, 1e-5, 0, 1, True)
+    with pytest.raises(RuntimeError, match="gamma is required"):
+        ops.norm_forward(t, None, None, None, None, 1e-5, 0, 1, True)
+    with pytest.raises(RuntimeError, match="norm must be 0"):
+        ops.norm_forward(t, torch.ones(4), torch.zeros(4), None, None, 1e-5, 5, 1, True)
+    with pytest.raises(RuntimeError, match="sum_g must have shape"):
+        ops.norm_backward(t, t, torch.zeros(4), torch.ones(4), None, None, 1e-5, 1, 0, True,
+                          True, torch.zeros(5), torch.zeros(4))
+    with pytest.raises(RuntimeError, match="scale and shift must be"):
+        ops.fold_forward(torch.randn(6, 4, 3, 3), torch.ones(5), torch.zeros(4), [5, 5], [5, 5],
+                         [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="float32/float64 weights"):
+        ops.fold_forward(torch.randn(6, 4, 3, 3).half(), torch.ones(4).half(),
+                         torch.zeros(4).half(), [5, 5], [5, 5], [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="grad_sum must be"):
+        ops.fold_backward(torch.randn(6, 4, 3, 3), torch.randn(6, 4, 3, 3), torch.randn(1, 5, 5, 5),
+                          torch.ones(4), torch.zeros(4), torch.zeros(4), [5, 5], [1, 1], [1, 1],
+                          [1, 1], 1)
+    with pytest.raises(RuntimeError, match="more than one value"):
+        ops.update_running_stats(torch.zeros(4), torch.ones(4), torch.zeros(4), torch.ones(4),
+                                 1, 0.1)
+    with pytest.raises(RuntimeError, match="contiguous CPU vectors of 4"):
+        ops.update_running_stats(torch.zeros(4), torch.ones(3), torch.zeros(4), torch.ones(4),
+                                 8, 0.1)
 
 
 @pytest.mark.parametrize("order", ORDERS)
