@@ -298,81 +298,74 @@ void stats_planes(const scalar_t* x, const Geometry& geo, double* mean_out, doub
   }
 }
 
-// Σ(t − k) and Σ(t − k)² of W channels over m rows (stride C) into s, q, with all sums in
-// registers: W·U of them in flight (U rows at a time) hide the add latency, where one row at a
-// time through per-channel arrays in memory waits on store forwarding at every row.
-template <int W, int U, int Mode, typename scalar_t, typename acc_t>
-inline void shifted_columns(const scalar_t* __restrict__ x, int64_t C, int64_t m,
-                            const acc_t* __restrict__ k, acc_t* __restrict__ s_out,
-                            acc_t* __restrict__ q_out) {
-  acc_t s[U][W] = {}, q[U][W] = {}, kk[W];
-  for (int j = 0; j < W; ++j) kk[j] = k[j];
+// Two per-channel sums over a block of m rows (stride C) in the rows-by-channels layout, shared
+// by stats (Σ(t − k), Σ(t − k)²) and backward_reduce (Σg', Σg'·(t_in − mean)). term(i, c, a, b)
+// adds element i's contributions (channel c) to a and b.
+//
+// W channels at a compile-time width keep all sums in registers: W·U of them in flight (U rows
+// at a time) hide the add latency, where one row at a time through per-channel arrays in memory
+// waits on store forwarding at every row.
+template <int W, int U, typename acc_t, typename Term>
+inline void column_sums(int64_t c0, int64_t C, int64_t m, const Term& term,
+                        acc_t* __restrict__ a_out, acc_t* __restrict__ b_out) {
+  acc_t a[U][W] = {}, b[U][W] = {};
   int64_t r = 0;
   for (; r + U <= m; r += U) {
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
-      const scalar_t* __restrict__ p = x + (r + u) * C;
+      const int64_t row = (r + u) * C + c0;
 #pragma omp simd
-      for (int j = 0; j < W; ++j) {
-        const acc_t d = load_input<Mode, acc_t>(p[j]) - kk[j];
-        s[u][j] += d;
-        q[u][j] += d * d;
-      }
+      for (int j = 0; j < W; ++j) term(row + j, c0 + j, a[u][j], b[u][j]);
     }
   }
   for (; r < m; ++r) {
-    const scalar_t* __restrict__ p = x + r * C;
+    const int64_t row = r * C + c0;
 #pragma omp simd
-    for (int j = 0; j < W; ++j) {
-      const acc_t d = load_input<Mode, acc_t>(p[j]) - kk[j];
-      s[0][j] += d;
-      q[0][j] += d * d;
-    }
+    for (int j = 0; j < W; ++j) term(row + j, c0 + j, a[0][j], b[0][j]);
   }
 #pragma omp simd
   for (int j = 0; j < W; ++j) {
-    acc_t a = 0, b = 0;
-    for (int u = 0; u < U; ++u) a += s[u][j], b += q[u][j];
-    s_out[j] = a;
-    q_out[j] = b;
+    acc_t sa = 0, sb = 0;
+    for (int u = 0; u < U; ++u) sa += a[u][j], sb += b[u][j];
+    a_out[c0 + j] = sa;
+    b_out[c0 + j] = sb;
   }
 }
 
-// The same for the w < kLanes channels left over, at a runtime width.
-template <int Mode, typename scalar_t, typename acc_t>
-inline void shifted_columns_tail(const scalar_t* x, int64_t C, int64_t m, int64_t w,
-                                 const acc_t* __restrict__ k, acc_t* __restrict__ s,
-                                 acc_t* __restrict__ q) {
-  std::fill(s, s + w, acc_t(0));
-  std::fill(q, q + w, acc_t(0));
-  for (int64_t r = 0; r < m; ++r) {
-    const scalar_t* __restrict__ p = x + r * C;
+// Every channel of the block: chunks of 4, 2 and 1 vectors of channels, then the w < kLanes
+// channels left over at a runtime width.
+template <typename acc_t, typename Term>
+void block_column_sums(int64_t C, int64_t m, const Term& term, acc_t* a, acc_t* b) {
+  constexpr int V = kLanes<acc_t>;
+  int64_t c = 0;
+  for (; c + 4 * V <= C; c += 4 * V) column_sums<4 * V, 1>(c, C, m, term, a, b);
+  if (c + 2 * V <= C) {
+    column_sums<2 * V, 2>(c, C, m, term, a, b);
+    c += 2 * V;
+  }
+  if (c + V <= C) {
+    column_sums<V, 4>(c, C, m, term, a, b);
+    c += V;
+  }
+  if (c < C) {
+    std::fill(a + c, a + C, acc_t(0));
+    std::fill(b + c, b + C, acc_t(0));
+    for (int64_t r = 0; r < m; ++r) {
 #pragma omp simd
-    for (int64_t j = 0; j < w; ++j) {
-      const acc_t d = load_input<Mode, acc_t>(p[j]) - k[j];
-      s[j] += d;
-      q[j] += d * d;
+      for (int64_t j = c; j < C; ++j) term(r * C + j, j, a[j], b[j]);
     }
   }
 }
 
-// Shifted sums of every channel over a block of m rows, in chunks of 4, 2 and 1 vectors of
-// channels.
+// stats' sums of a block: Σ(t − k) and Σ(t − k)² as the norm sees t.
 template <int Mode, typename scalar_t, typename acc_t>
-void shifted_rows(const scalar_t* x, int64_t C, int64_t m, const acc_t* k, acc_t* s, acc_t* q) {
-  constexpr int V = kLanes<acc_t>;
-  int64_t c = 0;
-  for (; c + 4 * V <= C; c += 4 * V)
-    shifted_columns<4 * V, 1, Mode>(x + c, C, m, k + c, s + c, q + c);
-  if (c + 2 * V <= C) {
-    shifted_columns<2 * V, 2, Mode>(x + c, C, m, k + c, s + c, q + c);
-    c += 2 * V;
-  }
-  if (c + V <= C) {
-    shifted_columns<V, 4, Mode>(x + c, C, m, k + c, s + c, q + c);
-    c += V;
-  }
-  if (c < C) shifted_columns_tail<Mode>(x + c, C, m, C - c, k + c, s + c, q + c);
+void shifted_rows(const scalar_t* __restrict__ x, int64_t C, int64_t m,
+                  const acc_t* __restrict__ k, acc_t* s, acc_t* q) {
+  block_column_sums(C, m, [&](int64_t i, int64_t c, acc_t& ds, acc_t& dq) {
+    const acc_t d = load_input<Mode, acc_t>(x[i]) - k[c];
+    ds += d;
+    dq += d * d;
+  }, s, q);
 }
 
 // A block of rows is read once, its sums shifted by the thread's running mean of each channel;
@@ -604,78 +597,12 @@ void backward_reduce_planes(const scalar_t* g, const scalar_t* x, const Geometry
   sum_thread_partials(t_g, t_gt, nthreads, C, sum_g_out, sum_gt_out);
 }
 
-// Σg' and Σg'·(t_in − m) of W channels over m rows (stride C) into sg, sgt, with all sums in
-// registers, as shifted_columns.
-template <int W, int U, int Mode, typename scalar_t, typename acc_t>
-inline void grad_columns(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-                         int64_t C, int64_t m, const acc_t* __restrict__ mean,
-                         const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
-                         acc_t* __restrict__ sg_out, acc_t* __restrict__ sgt_out) {
-  acc_t sg[U][W] = {}, sgt[U][W] = {}, mm[W], ss[W], bb[W];
-  for (int j = 0; j < W; ++j) mm[j] = mean[j], ss[j] = scale[j], bb[j] = shift[j];
-  int64_t r = 0;
-  for (; r + U <= m; r += U) {
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) {
-      const scalar_t* __restrict__ xp = x + (r + u) * C;
-      const scalar_t* __restrict__ gp = g + (r + u) * C;
-#pragma omp simd
-      for (int j = 0; j < W; ++j) {
-        const acc_t t = static_cast<acc_t>(xp[j]);
-        const acc_t gv = load_grad<Mode, acc_t>(gp[j], t, ss[j], bb[j]);
-        sg[u][j] += gv;
-        sgt[u][j] += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - mm[j]);
-      }
-    }
-  }
-  for (; r < m; ++r) {
-    const scalar_t* __restrict__ xp = x + r * C;
-    const scalar_t* __restrict__ gp = g + r * C;
-#pragma omp simd
-    for (int j = 0; j < W; ++j) {
-      const acc_t t = static_cast<acc_t>(xp[j]);
-      const acc_t gv = load_grad<Mode, acc_t>(gp[j], t, ss[j], bb[j]);
-      sg[0][j] += gv;
-      sgt[0][j] += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - mm[j]);
-    }
-  }
-#pragma omp simd
-  for (int j = 0; j < W; ++j) {
-    acc_t a = 0, b = 0;
-    for (int u = 0; u < U; ++u) a += sg[u][j], b += sgt[u][j];
-    sg_out[j] = a;
-    sgt_out[j] = b;
-  }
-}
-
-// The same for the w < kLanes channels left over, at a runtime width.
-template <int Mode, typename scalar_t, typename acc_t>
-inline void grad_columns_tail(const scalar_t* g, const scalar_t* x, int64_t C, int64_t m,
-                              int64_t w, const acc_t* __restrict__ mean,
-                              const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
-                              acc_t* __restrict__ sg, acc_t* __restrict__ sgt) {
-  std::fill(sg, sg + w, acc_t(0));
-  std::fill(sgt, sgt + w, acc_t(0));
-  for (int64_t r = 0; r < m; ++r) {
-    const scalar_t* __restrict__ xp = x + r * C;
-    const scalar_t* __restrict__ gp = g + r * C;
-#pragma omp simd
-    for (int64_t j = 0; j < w; ++j) {
-      const acc_t t = static_cast<acc_t>(xp[j]);
-      const acc_t gv = load_grad<Mode, acc_t>(gp[j], t, scale[j], shift[j]);
-      sg[j] += gv;
-      sgt[j] += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - mean[j]);
-    }
-  }
-}
-
-// Blocks of rows as stats_rows, each block's sums of every channel (in chunks of 4, 2 and 1
-// vectors of channels) added into the thread's double partials.
+// Blocks of rows as stats_rows, each block's sums of every channel (block_column_sums) added
+// into the thread's double partials.
 template <typename scalar_t, typename acc_t, int Mode>
 void backward_reduce_rows(const scalar_t* g, const scalar_t* x, const Geometry& geo,
                           const acc_t* mean, const acc_t* scale, const acc_t* shift,
                           acc_t* sum_g_out, acc_t* sum_gt_out) {
-  constexpr int V = kLanes<acc_t>;
   const int64_t C = geo.C, rows = geo.rows();
   const int nthreads = at::get_num_threads();
   const int64_t block = rows_per_reduce_block(C, rows, nthreads);
@@ -692,23 +619,12 @@ void backward_reduce_rows(const scalar_t* g, const scalar_t* x, const Geometry& 
       const int64_t r0 = blk * block, m = std::min(rows, r0 + block) - r0;
       const scalar_t* gb = g + r0 * C;
       const scalar_t* xb = x + r0 * C;
-      int64_t c = 0;
-      for (; c + 4 * V <= C; c += 4 * V)
-        grad_columns<4 * V, 1, Mode>(gb + c, xb + c, C, m, mean + c, scale + c, shift + c,
-                                     sg + c, sgt + c);
-      if (c + 2 * V <= C) {
-        grad_columns<2 * V, 2, Mode>(gb + c, xb + c, C, m, mean + c, scale + c, shift + c,
-                                     sg + c, sgt + c);
-        c += 2 * V;
-      }
-      if (c + V <= C) {
-        grad_columns<V, 4, Mode>(gb + c, xb + c, C, m, mean + c, scale + c, shift + c, sg + c,
-                                 sgt + c);
-        c += V;
-      }
-      if (c < C)
-        grad_columns_tail<Mode>(gb + c, xb + c, C, m, C - c, mean + c, scale + c, shift + c,
-                                sg + c, sgt + c);
+      block_column_sums(C, m, [&](int64_t i, int64_t c, acc_t& dg, acc_t& dgt) {
+        const acc_t t = static_cast<acc_t>(xb[i]);
+        const acc_t gv = load_grad<Mode, acc_t>(gb[i], t, scale[c], shift[c]);
+        dg += gv;
+        dgt += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - mean[c]);
+      }, sg, sgt);
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j) {
         pg[j] += sg[j];
