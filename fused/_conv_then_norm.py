@@ -40,10 +40,6 @@ def _folds(batch_stats: bool, relu_mode: int) -> bool:
     return not batch_stats and relu_mode != RELU_BEFORE
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _conv_norm_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
                       padding: List[int], dilation: List[int], groups: int,
                       gamma: Optional[Tensor], beta: Optional[Tensor],
@@ -67,7 +63,7 @@ def _conv_norm_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
                          stride, padding, dilation, groups)
         if relu_mode == RELU_AFTER:
             out.relu_()
-        empty = x.new_empty(0, dtype=_acc(x))
+        empty = x.new_empty(0, dtype=_norm.acc_dtype(x))
         return out, x.new_empty(0), empty, empty.clone()
     y = _conv.conv(x, weight, bias, stride, padding, dilation, groups)
     out, mean, var, _, _ = _norm.forward(_backend.primitives(y), y, gamma, beta, mean_in,
@@ -84,7 +80,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, 
       norm, relu_mode, sync=-1):
     batch_stats = norm != "affine" and mean_in is None
     y = _conv.conv(x, weight, bias, stride, padding, dilation, groups)
-    stat = x.new_empty(weight.shape[0] if batch_stats else 0, dtype=_acc(x))
+    stat = x.new_empty(weight.shape[0] if batch_stats else 0, dtype=_norm.acc_dtype(x))
     if _folds(batch_stats, relu_mode):
         return y, x.new_empty(0), stat, stat.clone()
     return torch.empty_like(y), y, stat, stat.clone()
@@ -137,7 +133,7 @@ _conv_norm_backward_call = _op.eager_or_op(conv_norm_backward, _conv_norm_backwa
 @conv_norm_backward.register_fake
 def _(grad, x, weight, bias, y, out, mean, var, gamma, beta, stride, padding, dilation, groups,
       eps, norm, relu_mode, batch_stats, grad_mask, sync=-1):
-    return _op.fake_grads(x, weight, grad_mask, weight.shape[0], _acc(x))
+    return _op.fake_grads(x, weight, grad_mask, weight.shape[0], _norm.acc_dtype(x))
 
 
 def _setup_context(ctx, inputs, output):

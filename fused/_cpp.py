@@ -6,13 +6,10 @@ import torch
 from torch import Tensor
 
 from . import _ext  # noqa: F401  (loading the extension registers the ops)
+from . import _norm
 
 name = "cpp"
 _ops = torch.ops.bnorder_cpu
-
-
-def _acc(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def stats(t: Tensor, relu_mode: int):
@@ -78,7 +75,7 @@ def norm_backward(g: Tensor, t: Tensor, mean, var, gamma, beta, eps: float, norm
 if _ext.loaded:
     @torch.library.register_fake("bnorder_cpu::stats")
     def _(t, relu_mode, exact=False):
-        c, dtype = t.shape[1], torch.float64 if exact else _acc(t)
+        c, dtype = t.shape[1], torch.float64 if exact else _norm.acc_dtype(t)
         return t.new_empty(c, dtype=dtype), t.new_empty(c, dtype=dtype)
 
     @torch.library.register_fake("bnorder_cpu::apply")
@@ -88,7 +85,7 @@ if _ext.loaded:
     @torch.library.register_fake("bnorder_cpu::backward_reduce")
     def _(g, t, mean, scale, shift, relu_mode):
         c = t.shape[1]
-        return t.new_empty(c, dtype=_acc(t)), t.new_empty(c, dtype=_acc(t))
+        return t.new_empty(c, dtype=_norm.acc_dtype(t)), t.new_empty(c, dtype=_norm.acc_dtype(t))
 
     @torch.library.register_fake("bnorder_cpu::backward_apply")
     def _(g, t, mean, scale, shift, k1, k2, k3, relu_mode):
@@ -108,15 +105,15 @@ if _ext.loaded:
         c = t.shape[1]
         stat = 0 if norm == 2 or mean_in is not None else c
         return (torch.empty_like(t) if apply else t.new_empty(0),
-                t.new_empty(stat, dtype=_acc(t)), t.new_empty(stat, dtype=_acc(t)),
-                t.new_empty(c, dtype=_acc(t)), t.new_empty(c, dtype=_acc(t)))
+                t.new_empty(stat, dtype=_norm.acc_dtype(t)), t.new_empty(stat, dtype=_norm.acc_dtype(t)),
+                t.new_empty(c, dtype=_norm.acc_dtype(t)), t.new_empty(c, dtype=_norm.acc_dtype(t)))
 
     @torch.library.register_fake("bnorder_cpu::norm_backward")
     def _(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats, input_grad,
           sum_g=None, sum_gt=None):
         c = t.shape[1]
         return (torch.empty_like(t) if input_grad else t.new_empty(0),
-                t.new_empty(c, dtype=_acc(t)), t.new_empty(c, dtype=_acc(t)))
+                t.new_empty(c, dtype=_norm.acc_dtype(t)), t.new_empty(c, dtype=_norm.acc_dtype(t)))
 
     @torch.library.register_fake("bnorder_cpu::fold_forward")
     def _(weight, scale, shift, in_hw, out_hw, stride, padding, dilation, groups):

@@ -60,10 +60,6 @@ from . import _backend, _conv, _norm, _op, _unit
 from .reference import RELU_NONE
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 FOLD_MAX_MEAN_OVER_STD = 100.0
 
 
@@ -133,7 +129,7 @@ norm_conv_forward = torch.library.custom_op("bnorder::norm_conv_forward",
 def _(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
       norm, relu, sync=-1):
     batch_stats = norm != "affine" and mean_in is None
-    stat = x.new_empty(x.shape[1] if batch_stats else 0, dtype=_acc(x))
+    stat = x.new_empty(x.shape[1] if batch_stats else 0, dtype=_norm.acc_dtype(x))
     return _conv.conv(x, weight, bias, stride, padding, dilation, groups), stat, stat.clone()
 
 
@@ -190,7 +186,7 @@ _norm_conv_backward_call = _op.eager_or_op(norm_conv_backward, _norm_conv_backwa
 @norm_conv_backward.register_fake
 def _(grad, x, out, weight, mean, var, gamma, beta, stride, padding, dilation, groups, eps,
       norm, relu, batch_stats, grad_mask, sync=-1):
-    return _op.fake_grads(x, weight, grad_mask, x.shape[1], _acc(x))
+    return _op.fake_grads(x, weight, grad_mask, x.shape[1], _norm.acc_dtype(x))
 
 
 def _setup_context(ctx, inputs, output):
