@@ -183,43 +183,53 @@ inline lanes_t<acc_t> load_lanes(const scalar_t* p, acc_t k) {
   return v - k;
 }
 
-// One pass over a run of n contiguous values of one channel: adds Σ(t − k) and Σ(t − k)² into
-// the channel's lanes s[0..V), q[0..V). Two sets in flight halve the add latency chain. NV ≥ 0
-// is n / V known at compile time: a plane of a few vectors then has no loop control, which
-// costs as much as its arithmetic.
-template <int Mode, int NV = -1, typename scalar_t, typename acc_t>
-inline void shifted_lanes(const scalar_t* __restrict__ p, int64_t n, acc_t k,
-                          acc_t* __restrict__ s, acc_t* __restrict__ q) {
+// Two sums over a run of n contiguous values of one channel, added into the channel's lanes
+// a[0..V), b[0..V): shared by stats (Σ(t − k), Σ(t − k)²) and backward_reduce (Σg',
+// Σg'·(t_in − mean)) in the NCHW layout. add_lanes(i, va, vb) adds the V values from i to the
+// vectors va, vb; add_one(i, a, b) adds value i. Two sets in flight halve the add latency
+// chain. NV >= 0 is n / V known at compile time: a plane of a few vectors then has no loop
+// control, which costs as much as its arithmetic.
+template <int NV = -1, typename acc_t, typename AddLanes, typename AddOne>
+inline void lane_sums(int64_t n, const AddLanes& add_lanes, const AddOne& add_one,
+                      acc_t* __restrict__ a, acc_t* __restrict__ b) {
   constexpr int V = kLanes<acc_t>;
   using vec = lanes_t<acc_t>;
   const int64_t nv = NV >= 0 ? NV : n / V;
-  vec s0 = {}, q0 = {}, s1 = {}, q1 = {};
+  vec a0 = {}, b0 = {}, a1 = {}, b1 = {};
   int64_t v = 0;
   for (; v + 2 <= nv; v += 2) {
-    const vec d0 = load_lanes<Mode>(p + v * V, k), d1 = load_lanes<Mode>(p + v * V + V, k);
-    s0 += d0;
-    q0 += d0 * d0;
-    s1 += d1;
-    q1 += d1 * d1;
+    add_lanes(v * V, a0, b0);
+    add_lanes(v * V + V, a1, b1);
   }
-  if (v < nv) {
-    const vec d = load_lanes<Mode>(p + v * V, k);
-    s0 += d;
-    q0 += d * d;
-  }
-  const int64_t i = nv * V;
-  vec sm, qm;
-  std::memcpy(&sm, s, sizeof sm);
-  std::memcpy(&qm, q, sizeof qm);
-  sm += s0 + s1;
-  qm += q0 + q1;
-  std::memcpy(s, &sm, sizeof sm);
-  std::memcpy(q, &qm, sizeof qm);
-  for (int j = 0; i + j < n; ++j) {
-    const acc_t d = load_input<Mode, acc_t>(p[i + j]) - k;
-    s[j] += d;
-    q[j] += d * d;
-  }
+  if (v < nv) add_lanes(v * V, a0, b0);
+  vec am, bm;
+  std::memcpy(&am, a, sizeof am);
+  std::memcpy(&bm, b, sizeof bm);
+  am += a0 + a1;
+  bm += b0 + b1;
+  std::memcpy(a, &am, sizeof am);
+  std::memcpy(b, &bm, sizeof bm);
+  for (int64_t i = nv * V, j = 0; i < n; ++i, ++j) add_one(i, a[j], b[j]);
+}
+
+// stats' sums of a run: Σ(t − k) and Σ(t − k)² as the norm sees t.
+template <int Mode, int NV = -1, typename scalar_t, typename acc_t>
+inline void shifted_lanes(const scalar_t* __restrict__ p, int64_t n, acc_t k,
+                          acc_t* __restrict__ s, acc_t* __restrict__ q) {
+  using vec = lanes_t<acc_t>;
+  lane_sums<NV>(
+      n,
+      [&](int64_t i, vec& vs, vec& vq) {
+        const vec d = load_lanes<Mode>(p + i, k);
+        vs += d;
+        vq += d * d;
+      },
+      [&](int64_t i, acc_t& ds, acc_t& dq) {
+        const acc_t d = load_input<Mode, acc_t>(p[i]) - k;
+        ds += d;
+        dq += d * d;
+      },
+      s, q);
 }
 
 // Planes are visited in memory order (plane p = n·C + c), each thread merging into its own
@@ -516,46 +526,30 @@ void sum_thread_partials(const std::vector<double>& t_g, const std::vector<doubl
   }
 }
 
-// Σg' and Σg'·(t_in − m) of a run of n contiguous values of one channel, added into the
-// channel's lanes sg[0..V), sgt[0..V), as shifted_lanes.
+// backward_reduce's sums of a run: Σg' and Σg'·(t_in − m).
 template <int Mode, typename scalar_t, typename acc_t>
 inline void grad_lanes(const scalar_t* __restrict__ gp, const scalar_t* __restrict__ xp,
                        int64_t n, acc_t s, acc_t b, acc_t m, acc_t* __restrict__ sg,
                        acc_t* __restrict__ sgt) {
-  constexpr int V = kLanes<acc_t>;
   using vec = lanes_t<acc_t>;
   const vec zero = {};
-  auto add = [&](int64_t i, vec& ga, vec& gta) {
-    const vec t = load_lanes<RELU_NONE>(xp + i, acc_t(0));
-    vec g = load_lanes<RELU_NONE>(gp + i, acc_t(0));
-    if constexpr (Mode == RELU_AFTER) g = t * s + b > zero ? g : zero;
-    const vec in = Mode == RELU_BEFORE ? (t < zero ? zero : t) : t;
-    ga += g;
-    gta += g * (in - m);
-  };
-  vec g0 = {}, gt0 = {}, g1 = {}, gt1 = {};
-  int64_t i = 0;
-  for (; i + 2 * V <= n; i += 2 * V) {
-    add(i, g0, gt0);
-    add(i + V, g1, gt1);
-  }
-  if (i + V <= n) {
-    add(i, g0, gt0);
-    i += V;
-  }
-  vec a, c;
-  std::memcpy(&a, sg, sizeof a);
-  std::memcpy(&c, sgt, sizeof c);
-  a += g0 + g1;
-  c += gt0 + gt1;
-  std::memcpy(sg, &a, sizeof a);
-  std::memcpy(sgt, &c, sizeof c);
-  for (int j = 0; i + j < n; ++j) {
-    const acc_t t = static_cast<acc_t>(xp[i + j]);
-    const acc_t gv = load_grad<Mode, acc_t>(gp[i + j], t, s, b);
-    sg[j] += gv;
-    sgt[j] += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - m);
-  }
+  lane_sums(
+      n,
+      [&](int64_t i, vec& vg, vec& vgt) {
+        const vec t = load_lanes<RELU_NONE>(xp + i, acc_t(0));
+        vec g = load_lanes<RELU_NONE>(gp + i, acc_t(0));
+        if constexpr (Mode == RELU_AFTER) g = t * s + b > zero ? g : zero;
+        const vec in = Mode == RELU_BEFORE ? (t < zero ? zero : t) : t;
+        vg += g;
+        vgt += g * (in - m);
+      },
+      [&](int64_t i, acc_t& dg, acc_t& dgt) {
+        const acc_t t = static_cast<acc_t>(xp[i]);
+        const acc_t gv = load_grad<Mode, acc_t>(gp[i], t, s, b);
+        dg += gv;
+        dgt += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - m);
+      },
+      sg, sgt);
 }
 
 // Memory order with per-thread per-channel sums, as stats_planes, and as there a plane adds
