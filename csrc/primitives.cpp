@@ -212,6 +212,20 @@ inline void lane_sums(int64_t n, const AddLanes& add_lanes, const AddOne& add_on
   for (int64_t i = nv * V, j = 0; i < n; ++i, ++j) add_one(i, a[j], b[j]);
 }
 
+// The two sums a channel's lanes hold (a[0..V), then b[0..V)), in double, and the lanes
+// cleared for the channel's next run.
+template <typename acc_t>
+inline void take_lanes(acc_t* lanes, double& a, double& b) {
+  constexpr int V = kLanes<acc_t>;
+  a = 0;
+  b = 0;
+  for (int j = 0; j < V; ++j) {
+    a += lanes[j];
+    b += lanes[V + j];
+  }
+  std::fill(lanes, lanes + 2 * V, acc_t(0));
+}
+
 // stats' sums of a run: Σ(t − k) and Σ(t − k)² as the norm sees t.
 template <int Mode, int NV = -1, typename scalar_t, typename acc_t>
 inline void shifted_lanes(const scalar_t* __restrict__ p, int64_t n, acc_t k,
@@ -283,13 +297,8 @@ void stats_planes(const scalar_t* x, const Geometry& geo, double* mean_out, doub
       }
       for (int64_t c = 0; c < C; ++c) {
         if (count[c] == 0) continue;
-        acc_t* s = &lanes[2 * c * V];
-        double sd = 0, qd = 0;
-        for (int j = 0; j < V; ++j) {
-          sd += s[j];
-          qd += s[V + j];
-        }
-        std::fill(s, s + 2 * V, acc_t(0));
+        double sd, qd;
+        take_lanes(&lanes[2 * c * V], sd, qd);
         const double n = static_cast<double>(count[c]);
         double mean_b, m2_b;
         shifted_to_block(static_cast<double>(shift[c]), sd, qd, n, mean_b, m2_b);
@@ -576,13 +585,8 @@ void backward_reduce_planes(const scalar_t* g, const scalar_t* x, const Geometry
                          sg + V);
       }
       for (int64_t c = 0; c < C; ++c) {
-        acc_t* sg = &lanes[2 * c * V];
-        double a = 0, b = 0;
-        for (int j = 0; j < V; ++j) {
-          a += sg[j];
-          b += sg[V + j];
-        }
-        std::fill(sg, sg + 2 * V, acc_t(0));
+        double a, b;
+        take_lanes(&lanes[2 * c * V], a, b);
         t_g[tid * C + c] += a;
         t_gt[tid * C + c] += b;
       }
