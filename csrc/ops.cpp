@@ -27,6 +27,7 @@ TORCH_LIBRARY(bnorder_cpu, m) {
   m.def("fold_backward(Tensor weight, Tensor wgrad, Tensor grad_sum, Tensor scale, "
         "Tensor shift, Tensor mean, int[] in_hw, int[] stride, int[] padding, int[] dilation, "
         "int groups) -> (Tensor dweight, Tensor sum_dn, Tensor sum_dn_centered)");
+  m.def("fold_exact(Tensor mean, Tensor var, float eps, float limit) -> bool");
   m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
         "Tensor var, int count, float momentum) -> ()");
 }
@@ -44,6 +45,7 @@ TORCH_LIBRARY_IMPL(bnorder_cpu, CPU, m) {
   m.impl("update_running_stats", &bnorder::update_running_stats);
   m.impl("fold_forward", &bnorder::fold_forward);
   m.impl("fold_backward", &bnorder::fold_backward);
+  m.impl("fold_exact", &bnorder::fold_exact);
 }
 
 // An importable Python module: `from fused import _C` loads the library and runs the

@@ -78,6 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
     at::IntArrayRef in_hw, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups);
 
+bool fold_exact(const at::Tensor& mean, const at::Tensor& var, double eps, double limit);
+
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,
                           const at::Tensor& mean, const at::Tensor& var, int64_t count,
                           double momentum);

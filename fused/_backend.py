@@ -30,28 +30,38 @@ def requested() -> str:
     return value
 
 
+# (FUSED_BACKEND as set, device type) -> backend name. The lookup runs several times per unit
+# and step; the environment is still read every time, so a change takes effect at once.
+_names: dict = {}
+
+
 def name_for(device: torch.device | str = "cpu") -> str:
     """The backend that runs for tensors on `device`."""
-    choice = requested()
-    device = torch.device(device)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (os.environ.get("FUSED_BACKEND"), device_type)
+    name = _names.get(key)
+    if name is None:
+        name = _names[key] = _resolve(requested(), device_type)
+    return name
+
+
+def _resolve(choice: str, device_type: str) -> str:
     if choice == "auto":
-        if device.type == "cuda":
+        if device_type == "cuda":
             return "triton"
         return "cpp" if _ext.loaded else "reference"
     if choice == "cpp":
         if not _ext.loaded:
             raise RuntimeError(f"FUSED_BACKEND=cpp but the C++ extension is not loaded: "
                                f"{_ext.error()}")
-        if device.type != "cpu":
-            raise RuntimeError(f"FUSED_BACKEND=cpp runs on CPU tensors only, got {device}")
+        if device_type != "cpu":
+            raise RuntimeError(f"FUSED_BACKEND=cpp runs on CPU tensors only, got {device_type}")
     return choice
 
 
 def conv_impl(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
     """"triton" when the Triton backend runs for x and picks its fused implicit-GEMM
     convolution (BNORDER_CONV_IMPL, rule in fused/triton/conv.py), else "aten"."""
-    if x.device.type == "cpu" and requested() != "triton":
-        return "aten"  # the C++/reference path: one environment lookup, nothing else
     if name_for(x.device) != "triton":
         return "aten"
     from .triton import conv as triton_conv

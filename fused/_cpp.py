@@ -54,6 +54,11 @@ def fold_backward(weight, wgrad, grad_sum, scale, shift, mean, in_hw, stride, pa
                               padding, dilation, groups)
 
 
+def fold_exact(mean: Tensor, var: Tensor, eps: float, limit: float) -> bool:
+    """Whether |mean_c|·rstd_c <= limit for every channel (False for NaN statistics)."""
+    return _ops.fold_exact(mean, var, eps, limit)
+
+
 # The norm around the primitives in one call each (csrc/norm.cpp; _norm.forward/backward
 # compose the same steps in torch ops for the other backends).
 def coefficients(mean, var, gamma, beta, eps: float, norm_code: int, channels: int, acc):

@@ -211,26 +211,29 @@ def check_unit_inputs(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]
     if norm not in NORMS:
         raise ValueError(f"{op}: unknown norm {norm!r}; expected one of {NORMS}")
     channels = x.shape[1] if norm_channels_of == "input" else weight.shape[0]
-    tensors = {"input": x, "weight": weight, "bias": bias, "running_mean": running_mean,
-               "running_var": running_var, "norm_weight": norm_weight, "norm_bias": norm_bias}
-    for name, t in tensors.items():
-        if t is not None and t.device != x.device:
+    # Called per unit and step: cheap tests first, the messages only on failure.
+    tensors = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+               ("running_var", running_var), ("norm_weight", norm_weight),
+               ("norm_bias", norm_bias))
+    on_cpu = x.is_cpu
+    for name, t in tensors:
+        if t is not None and (t.is_cpu != on_cpu or (not on_cpu and t.device != x.device)):
             raise RuntimeError(f"{op}: {name} is on {t.device} but input is on {x.device}; "
                                f"all tensors must be on one device")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"{op}: conv bias must have shape ({weight.shape[0]},), "
                          f"got {tuple(bias.shape)}")
     if norm in ("bn", "affine"):
         if norm_weight is None or norm_bias is None:
             raise ValueError(f"{op}: norm={norm!r} needs norm_weight and norm_bias")
-    for name in ("running_mean", "running_var", "norm_weight", "norm_bias"):
-        t = tensors[name]
-        if t is not None and norm != "none" and tuple(t.shape) != (channels,):
-            raise ValueError(f"{op}: {name} must have shape ({channels},) for the "
-                             f"{channels} channels the norm sees, got {tuple(t.shape)}")
+    if norm != "none":
+        for name, t in tensors[2:]:
+            if t is not None and (t.dim() != 1 or t.shape[0] != channels):
+                raise ValueError(f"{op}: {name} must have shape ({channels},) for the "
+                                 f"{channels} channels the norm sees, got {tuple(t.shape)}")
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: give both running_mean and running_var, or neither")
-    if norm in ("bn", "bn-minus") and training:
+    if norm in ("bn", "bn-minus") and training and x.shape[0] == 1:
         if norm_channels_of == "input":
             size = x.shape
         else:

@@ -51,9 +51,15 @@ def run(op_name: str, order: str, fused_forward: Callable, input: Tensor, weight
     return out
 
 
+# order -> (op name, order, fused forward): what `run` needs, for the modules to call it
+# directly.
+FORWARDS = {}
+
+
 def functional(order: str, fused_forward: Callable, formula: str) -> Callable:
     """The public functional of one order, e.g. fused.conv_bn_relu."""
     op_name = order.replace("-", "_")
+    FORWARDS[order] = (op_name, order, fused_forward)
 
     def unit(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
              padding=0, dilation=1, groups: int = 1, running_mean: Optional[Tensor] = None,

@@ -63,7 +63,7 @@ from .reference import RELU_NONE
 FOLD_MAX_MEAN_OVER_STD = 100.0
 
 
-def _folds(x: Tensor, weight: Tensor, norm: str, mean: Optional[Tensor],
+def _folds(prims, x: Tensor, weight: Tensor, norm: str, mean: Optional[Tensor],
            var: Optional[Tensor], eps: float) -> bool:
     """Whether to use conv(x, W·s) + conv(B, W) rather than conv(norm(x), W).
 
@@ -75,6 +75,8 @@ def _folds(x: Tensor, weight: Tensor, norm: str, mean: Optional[Tensor],
         return False
     if norm == "affine":  # mean 0, std 1
         return True
+    if hasattr(prims, "fold_exact"):  # one C++ call (csrc/fold.cpp) instead of six tensor ops
+        return prims.fold_exact(mean, var, eps, FOLD_MAX_MEAN_OVER_STD)
     # |mean|·rstd <= limit, without the square root; NaN statistics do not fold.
     return bool((mean.square() <= (var + eps) * FOLD_MAX_MEAN_OVER_STD ** 2).all())
 
@@ -106,7 +108,7 @@ def _norm_conv_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
     _, mean, var, scale, shift = _norm.forward(prims, x, gamma, beta, mean_in, var_in, eps,
                                                norm, RELU_NONE, False, sync)
     used = (mean, var) if batch_stats else (mean_in, var_in)
-    if _folds(x, weight, norm, *used, eps):
+    if _folds(prims, x, weight, norm, *used, eps):
         out_hw = _norm.conv_output_hw(x, weight, stride, padding, dilation)
         scaled_weight, border = _fold_ops(prims).fold_forward(
             weight, scale.to(weight.dtype), shift.to(weight.dtype), x.shape[2:], out_hw, stride,
@@ -148,7 +150,7 @@ def _norm_conv_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weight: Tenso
     prims = _backend.primitives(x)
     scale, shift, mean_c, _ = _norm.coefficients(norm, mean, var, gamma, beta, eps,
                                                  x.shape[1], x, prims)
-    folds = _folds(x, weight, norm, mean, var, eps)
+    folds = _folds(prims, x, weight, norm, mean, var, eps)
     # Folded, with the weight gradient to compute anyway, the norm's two backward sums come
     # from it and the border taps (_conv.input_channel_sums): no pass over dn.
     sums_from_weights = folds and grad_mask[1]

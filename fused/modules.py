@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bn_conv_relu import bn_conv_relu
-from .conv_bn_relu import conv_bn_relu
-from .conv_relu_bn import conv_relu_bn
+from . import _unit
+# Importing the orders registers their fused forward in _unit.FORWARDS.
+from .bn_conv_relu import bn_conv_relu  # noqa: F401
+from .conv_bn_relu import conv_bn_relu  # noqa: F401
+from .conv_relu_bn import conv_relu_bn  # noqa: F401
 from .reference import NORMS, ORDERS, norm_forward
 
 
@@ -86,12 +88,9 @@ class _UnitBase(nn.Module):
     def norm_kind(self) -> str:
         return norm_name(self.norm)
 
-    def _batchnorm_factor(self) -> Optional[float]:
+    def _batchnorm_factor(self, norm: nn.BatchNorm2d) -> float:
         """nn.BatchNorm2d.forward's momentum logic, including momentum=None (a cumulative
         average over num_batches_tracked)."""
-        norm = self.norm
-        if not isinstance(norm, nn.BatchNorm2d):
-            return 0.0
         factor = 0.0 if norm.momentum is None else norm.momentum
         if self.training and norm.track_running_stats and norm.num_batches_tracked is not None:
             norm.num_batches_tracked.add_(1)
@@ -100,15 +99,17 @@ class _UnitBase(nn.Module):
         return factor
 
     def _norm_args(self):
+        """(norm kind, running_mean, running_var, norm_weight, norm_bias, eps, momentum) for
+        the functional, as nn.BatchNorm2d.forward chooses them."""
         norm = self.norm
         if isinstance(norm, nn.BatchNorm2d):
             use_running = not self.training or norm.track_running_stats
-            return dict(running_mean=norm.running_mean if use_running else None,
-                        running_var=norm.running_var if use_running else None,
-                        norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps)
+            running = (norm.running_mean, norm.running_var) if use_running else (None, None)
+            return ("bn" if norm.affine else "bn-minus", *running, norm.weight, norm.bias,
+                    norm.eps, self._batchnorm_factor(norm))
         if isinstance(norm, Affine2d):
-            return dict(norm_weight=norm.weight, norm_bias=norm.bias)
-        return {}
+            return "affine", None, None, norm.weight, norm.bias, 1e-5, 0.0
+        return norm_name(norm), None, None, None, None, 1e-5, 0.0
 
     def extra_repr(self) -> str:
         return f"order={self.order!r}, norm={self.norm_kind!r}, relu={self.relu}"
@@ -131,10 +132,6 @@ class Unit(_UnitBase):
         return act(self.conv(norm(x)))
 
 
-_FUNCTIONALS = {"conv-bn-relu": conv_bn_relu, "conv-relu-bn": conv_relu_bn,
-                "bn-conv-relu": bn_conv_relu}
-
-
 class FusedUnit(_UnitBase):
     """A unit computed by this package's fused ops (C++ on CPU, Triton on CUDA)."""
 
@@ -149,11 +146,15 @@ class FusedUnit(_UnitBase):
         if conv.padding_mode != "zeros":
             raise ValueError(f"fused units support padding_mode='zeros' only, got "
                              f"{conv.padding_mode!r}")
-        momentum = self._batchnorm_factor()
-        return _FUNCTIONALS[self.order](
-            x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
-            training=self.training, momentum=momentum, norm=self.norm_kind, relu=self.relu,
-            sync=self.sync_key if self.training else -1, **self._norm_args())
+        norm, running_mean, running_var, norm_weight, norm_bias, eps, momentum = \
+            self._norm_args()
+        training = self.training
+        # _unit.run itself rather than the public functional (fused.conv_bn_relu, ...): the
+        # same code, one Python call and its keyword handling fewer per unit and step.
+        return _unit.run(*_unit.FORWARDS[self.order], x, conv.weight, conv.bias, conv.stride,
+                         conv.padding, conv.dilation, conv.groups, running_mean, running_var,
+                         norm_weight, norm_bias, training, momentum, eps, norm, self.relu,
+                         self.sync_key if training else -1)
 
 
 class ConvBNReLU2d(FusedUnit):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import importlib
 import math
 
 import pytest
@@ -684,3 +685,33 @@ def test_cpp_reductions_every_chunk_width(channels_last, dtype):
         scale = (g64.abs().sum((0, 2, 3)) * (1 + (seen - bc(m)).abs().amax((0, 2, 3)))) + 1
         assert ((sum_g.double() - exp_g).abs() <= tol * scale).all(), case
         assert ((sum_gt.double() - exp_gt).abs() <= tol * scale).all(), case
+
+
+@pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_cpp_fold_exact_matches_the_torch_test(dtype):
+    """bn-conv-relu folds its norm only where |mean|·rstd <= FOLD_MAX_MEAN_OVER_STD in every
+    channel: the C++ test (one call) and the torch one agree on either side of the limit,
+    on one bad channel among good ones, on NaN statistics and on no channels at all."""
+    bcr = importlib.import_module("fused.bn_conv_relu")
+    limit, eps = bcr.FOLD_MAX_MEAN_OVER_STD, 1e-5
+    var = torch.full((6,), 4.0, dtype=dtype)
+    cases = {"zero mean": torch.zeros(6, dtype=dtype),
+             "just inside": torch.full((6,), 0.999 * limit * 2.0, dtype=dtype),
+             "just outside": torch.full((6,), 1.001 * limit * 2.0, dtype=dtype),
+             "one channel outside": torch.tensor([0, 1, -1, 0, -1.01 * limit * 2.0, 0],
+                                                 dtype=dtype),
+             "nan mean": torch.tensor([0, float("nan"), 0, 0, 0, 0], dtype=dtype)}
+    expected = {"zero mean": True, "just inside": True, "just outside": False,
+                "one channel outside": False, "nan mean": False}
+    for name, mean in cases.items():
+        via_cpp = torch.ops.bnorder_cpu.fold_exact(mean, var, eps, limit)
+        via_torch = bool((mean.square() <= (var + eps) * limit ** 2).all())
+        assert via_cpp is via_torch is expected[name], name
+    nan_var = var.clone()
+    nan_var[2] = float("nan")
+    assert torch.ops.bnorder_cpu.fold_exact(torch.zeros(6, dtype=dtype), nan_var, eps,
+                                            limit) is False
+    assert torch.ops.bnorder_cpu.fold_exact(torch.zeros(0), torch.zeros(0), eps, limit) is True
+    with pytest.raises(RuntimeError, match="fold_exact"):
+        torch.ops.bnorder_cpu.fold_exact(torch.zeros(3), torch.zeros(4), eps, limit)
