@@ -40,6 +40,20 @@ std::vector<char> inside_axis(int64_t in, int64_t out, int64_t k_size, int64_t s
   return inside;
 }
 
+// For each tap k of one axis, the output positions i whose tap k reads the padding (not
+// inside_axis): at most a few per tap for the usual paddings.
+std::vector<std::vector<int64_t>> outside_axis(int64_t in, int64_t out, int64_t k_size,
+                                               int64_t stride, int64_t padding,
+                                               int64_t dilation) {
+  std::vector<std::vector<int64_t>> outside(k_size);
+  for (int64_t i = 0; i < out; ++i)
+    for (int64_t k = 0; k < k_size; ++k) {
+      const int64_t pos = i * stride - padding + k * dilation;
+      if (pos < 0 || pos >= in) outside[k].push_back(i);
+    }
+  return outside;
+}
+
 struct FoldGeometry {
   int64_t O, Cg, KH, KW, groups, out_per_group;
   int64_t in_channel(int64_t o, int64_t c) const { return (o / out_per_group) * Cg + c; }
@@ -93,16 +107,18 @@ std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight_in,
     // Output channels are independent: split them over the threads (wide layers have
     // millions of weights).
     at::parallel_for(0, g.O, 16, [&](int64_t o0, int64_t o1) {
-    std::vector<scalar_t> v(taps), rows(g.KH * WO);
+    std::vector<scalar_t> v_buffer(taps), rows(g.KH * WO);
+    scalar_t* __restrict__ v = v_buffer.data();
     for (int64_t o = o0; o < o1; ++o) {
-      std::fill(v.begin(), v.end(), scalar_t(0));
+      std::fill(v, v + taps, scalar_t(0));
       for (int64_t c = 0; c < g.Cg; ++c) {
         const int64_t ci = g.in_channel(o, c);
-        const scalar_t* wp = w + (o * g.Cg + c) * taps;
-        scalar_t* wsp = ws + (o * g.Cg + c) * taps;
+        const scalar_t sc = s[ci], bc = b[ci];
+        const scalar_t* __restrict__ wp = w + (o * g.Cg + c) * taps;
+        scalar_t* __restrict__ wsp = ws + (o * g.Cg + c) * taps;
         for (int64_t t = 0; t < taps; ++t) {
-          wsp[t] = wp[t] * s[ci];
-          v[t] += wp[t] * b[ci];
+          wsp[t] = wp[t] * sc;
+          v[t] += wp[t] * bc;
         }
       }
       // Separably: rows[k, j] = Σ_l v[k, l]·in_w(j, l), then map[i, j] = Σ_k in_h(i, k)·rows[k, j].
@@ -148,11 +164,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
   TORCH_CHECK(mean.dim() == 1 && mean.size(0) == C && mean.scalar_type() == weight.scalar_type() &&
                   mean.is_contiguous(),
               op, ": mean must be a contiguous (", C, ",) vector");
+  TORCH_CHECK(in_hw.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2,
+              op, ": in_hw, stride, padding and dilation must be pairs");
   const at::Tensor wgrad = wgrad_in.contiguous();
   const at::Tensor grad_sum = grad_sum_in.contiguous();
   const int64_t HO = grad_sum.size(2), WO = grad_sum.size(3);
-  const auto in_h = inside_axis(in_hw[0], HO, g.KH, stride[0], padding[0], dilation[0]);
-  const auto in_w = inside_axis(in_hw[1], WO, g.KW, stride[1], padding[1], dilation[1]);
+  const auto outside_h = outside_axis(in_hw[0], HO, g.KH, stride[0], padding[0], dilation[0]);
+  const auto outside_w = outside_axis(in_hw[1], WO, g.KW, stride[1], padding[1], dilation[1]);
   auto dweight = at::empty_like(weight);
   auto sum_dn = at::empty({C}, weight.options());
   auto sum_dn_centered = at::empty({C}, weight.options());
@@ -162,56 +181,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
                    *b = shift.const_data_ptr<scalar_t>(), *mu = mean.const_data_ptr<scalar_t>();
     scalar_t* dw = dweight.mutable_data_ptr<scalar_t>();
     const int64_t taps = g.KH * g.KW;
-    std::vector<double> u(g.O * taps);
+    std::vector<double> u(g.O * taps), shares(2 * g.O * g.Cg);
     // Per output channel (independent, split over the threads): its taps u and its rows of dW.
     at::parallel_for(0, g.O, 16, [&](int64_t o0, int64_t o1) {
       std::vector<double> cols(HO * g.KW);
       for (int64_t o = o0; o < o1; ++o) {
-        // cols[i, l] = Σ_j g[i, j]·in_w(j, l), then u[k, l] = Σ_i in_h(i, k)·cols[i, l].
+        // cols[i, l] = Σ_j g[i, j]·in_w(j, l), then u[k, l] = Σ_i in_h(i, k)·cols[i, l]:
+        // each as the full row (column) sum minus the few pixels whose tap falls in the
+        // padding, so that the image is read once rather than once per tap.
         const scalar_t* go = gs + o * HO * WO;
-        for (int64_t i = 0; i < HO; ++i)
+        for (int64_t i = 0; i < HO; ++i) {
+          const scalar_t* row = go + i * WO;
+          double total = 0;
+          for (int64_t j = 0; j < WO; ++j) total += static_cast<double>(row[j]);
           for (int64_t l = 0; l < g.KW; ++l) {
-            double acc = 0;
-            for (int64_t j = 0; j < WO; ++j)
-              if (in_w[j * g.KW + l]) acc += static_cast<double>(go[i * WO + j]);
+            double acc = total;
+            for (const int64_t j : outside_w[l]) acc -= static_cast<double>(row[j]);
             cols[i * g.KW + l] = acc;
           }
+        }
         double* uo = &u[o * taps];
-        for (int64_t k = 0; k < g.KH; ++k)
-          for (int64_t l = 0; l < g.KW; ++l) {
-            double acc = 0;
-            for (int64_t i = 0; i < HO; ++i)
-              if (in_h[i * g.KH + k]) acc += cols[i * g.KW + l];
+        for (int64_t l = 0; l < g.KW; ++l) {
+          double total = 0;
+          for (int64_t i = 0; i < HO; ++i) total += cols[i * g.KW + l];
+          for (int64_t k = 0; k < g.KH; ++k) {
+            double acc = total;
+            for (const int64_t i : outside_h[k]) acc -= cols[i * g.KW + l];
             uo[k * g.KW + l] = acc;
           }
+        }
+        // dW, and each (o, c)'s share of the two sums while its weights are at hand.
         for (int64_t c = 0; c < g.Cg; ++c) {
           const int64_t ci = g.in_channel(o, c);
           const int64_t base = (o * g.Cg + c) * taps;
-          for (int64_t t = 0; t < taps; ++t)
-            dw[base + t] = static_cast<scalar_t>(static_cast<double>(G[base + t]) * s[ci] +
-                                                 static_cast<double>(b[ci]) * uo[t]);
+          const double sc = s[ci], bc = b[ci];
+          double dn = 0, dnx = 0;
+          for (int64_t t = 0; t < taps; ++t) {
+            const double wt = w[base + t], gt = G[base + t];
+            dw[base + t] = static_cast<scalar_t>(gt * sc + bc * uo[t]);
+            dn += wt * uo[t];
+            dnx += wt * gt;
+          }
+          shares[2 * (o * g.Cg + c)] = dn;
+          shares[2 * (o * g.Cg + c) + 1] = dnx;
         }
       }
     });
-    // Per input channel (split over the threads): Σ over the output channels of its group.
+    // Per input channel: the shares summed over the output channels of its group.
     scalar_t *sd = sum_dn.mutable_data_ptr<scalar_t>(),
              *sdc = sum_dn_centered.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
-      for (int64_t ci = c0; ci < c1; ++ci) {
-        const int64_t group = ci / g.Cg, c = ci % g.Cg;
-        double dn = 0, dnx = 0;
-        for (int64_t o = group * g.out_per_group; o < (group + 1) * g.out_per_group; ++o) {
-          const int64_t base = (o * g.Cg + c) * taps;
-          const double* uo = &u[o * taps];
-          for (int64_t t = 0; t < taps; ++t) {
-            dn += static_cast<double>(w[base + t]) * uo[t];
-            dnx += static_cast<double>(w[base + t]) * static_cast<double>(G[base + t]);
-          }
-        }
-        sd[ci] = static_cast<scalar_t>(dn);
-        sdc[ci] = static_cast<scalar_t>(dnx - static_cast<double>(mu[ci]) * dn);
+    for (int64_t ci = 0; ci < C; ++ci) {
+      const int64_t group = ci / g.Cg, c = ci % g.Cg;
+      double dn = 0, dnx = 0;
+      for (int64_t o = group * g.out_per_group; o < (group + 1) * g.out_per_group; ++o) {
+        dn += shares[2 * (o * g.Cg + c)];
+        dnx += shares[2 * (o * g.Cg + c) + 1];
       }
-    });
+      sd[ci] = static_cast<scalar_t>(dn);
+      sdc[ci] = static_cast<scalar_t>(dnx - static_cast<double>(mu[ci]) * dn);
+    }
   });
   return {dweight, sum_dn, sum_dn_centered};
 }
