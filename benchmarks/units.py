@@ -2,6 +2,7 @@
 
     python -m benchmarks.units [--formats nchw,nhwc] [--providers eager,fused,compile]
                                [--modes fwd,fwdbwd] [--rounds 7] [--json FILE]
+                               [--shapes 0,2 | tiny] [--batch 128]
 
 For every shape, order and memory format it times, interleaved in one process:
 
@@ -35,6 +36,9 @@ SHAPES = [
     ("vgg16 128ch 16px", 128, 128, 16),
 ]
 BATCH = 128
+# A unit so small that its time is the fixed cost per unit and step (Python, dispatch,
+# autograd): `--shapes tiny --batch 2`.
+TINY = ("fixed cost 4ch 4px", 4, 4, 4)
 
 
 def run(args) -> list:
@@ -92,6 +96,7 @@ def print_table(rows: list) -> None:
 
 
 def main(argv=None) -> None:
+    global SHAPES, BATCH
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default="nchw,nhwc")
@@ -99,7 +104,9 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", default="fwd,fwdbwd")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--inner", type=int, default=3)
-    parser.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES")
+    parser.add_argument("--shapes", default="all",
+                        help="comma-separated indices into SHAPES, or 'tiny' (the fixed cost)")
+    parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: torch's choice, all cores)")
     parser.add_argument("--json", help="also write the rows to this file")
@@ -107,9 +114,17 @@ def main(argv=None) -> None:
     args.formats = args.formats.split(",")
     args.providers = args.providers.split(",")
     args.modes = args.modes.split(",")
-    if args.shapes != "all":
-        global SHAPES
-        SHAPES = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
+    BATCH = args.batch
+    if args.shapes == "tiny":
+        SHAPES = [TINY]
+    elif args.shapes != "all":
+        try:
+            SHAPES = [SHAPES[int(i)] for i in args.shapes.split(",")]
+        except (ValueError, IndexError):
+            parser.error(f"--shapes: expected 'all', 'tiny' or indices 0-{len(SHAPES) - 1}, "
+                         f"got {args.shapes!r}")
     common.ensure_allocator_env("benchmarks.units")
     if args.threads:
         torch.set_num_threads(args.threads)

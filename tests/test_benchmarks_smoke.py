@@ -48,3 +48,34 @@ def test_benchmarks_refuse_to_run_without_allocator_settings():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "make bench" in proc.stdout + proc.stderr
+
+
+def test_units_fixed_cost_table(tmp_path, capsys, monkeypatch):
+    """`python -m benchmarks.units --shapes tiny --batch 2` times every order's tiny unit
+    (its fixed cost per unit and step) and writes one row per order."""
+    from benchmarks import units
+    # Marks the allocator settings as present, so that main() does not re-execute the test
+    # process to apply them (they only matter for the timings' quality, not checked here).
+    for key, value in common.ALLOCATOR_ENV.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "tiny.json"
+    units.main(["--shapes", "tiny", "--batch", "2", "--formats", "nchw", "--modes", "fwdbwd",
+                "--providers", "eager,fused", "--rounds", "2", "--inner", "2",
+                "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["order"] for r in rows] == ["conv-bn-relu", "conv-relu-bn", "bn-conv-relu"]
+    for r in rows:
+        assert r["shape"] == units.TINY[0] and set(r["ms"]) == {"conv+relu", "eager", "fused"}
+        assert all(v > 0 for v in r["ms"].values())
+    assert "batch 2" in capsys.readouterr().out
+
+
+def test_units_rejects_bad_arguments():
+    from benchmarks import units
+    for argv in (["--shapes", "9"], ["--shapes", "x"], ["--batch", "0"]):
+        try:
+            units.main(argv)
+        except SystemExit as exit:
+            assert exit.code == 2, argv
+        else:
+            raise AssertionError(f"{argv} was accepted")
