@@ -2,7 +2,7 @@
 
     python -m benchmarks.units [--formats nchw,nhwc] [--providers eager,fused,compile]
                                [--modes fwd,fwdbwd] [--rounds 7] [--json FILE]
-                               [--shapes 0,2 | tiny] [--batch 128]
+                               [--shapes 0,2 | tiny] [--batch 128] [--processes 3]
 
 For every shape, order and memory format it times, interleaved in one process:
 
@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -77,6 +81,39 @@ def run(args) -> list:
     return rows
 
 
+def repeat_in_processes(argv: list, times: int) -> list:
+    """Run this benchmark `times` times, each in a fresh process, and combine the rows:
+    medians over the runs of every time, tax and ratio, plus each tax's range.
+
+    The machines here are slow or fast by the process (up to 25 % on ATen's own
+    convolution), which interleaving inside one process cannot cancel; the median of
+    several processes can."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(times):
+            out = os.path.join(tmp, f"run{k}.json")
+            print(f"process {k + 1}/{times}", file=sys.stderr)
+            subprocess.run([sys.executable, "-m", "benchmarks.units", *argv, "--json", out],
+                           check=True, stdout=subprocess.DEVNULL)
+            with open(out) as f:
+                runs.append(json.load(f))
+    combined = []
+    for rows in zip(*runs):
+        first = rows[0]
+        row = dict(shape=first["shape"], order=first["order"], format=first["format"],
+                   mode=first["mode"], runs=len(rows),
+                   ms={p: statistics.median(r["ms"][p] for r in rows) for p in first["ms"]},
+                   tax={p: statistics.median(r["tax"][p] for r in rows) for p in first["tax"]},
+                   tax_range={p: (min(r["tax"][p] for r in rows), max(r["tax"][p] for r in rows))
+                              for p in first["tax"]},
+                   compile_s=first.get("compile_s"))
+        for ratio in ("fused_vs_eager", "fused_vs_compile"):
+            if ratio in first:
+                row[ratio] = statistics.median(r[ratio] for r in rows)
+        combined.append(row)
+    return combined
+
+
 def print_table(rows: list) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -87,12 +124,35 @@ def print_table(rows: list) -> None:
     for col in ["shape", "order", "fmt", "mode", *[f"{p} ms" for p in providers],
                 *[f"tax {p}" for p in providers[1:]], "fused speed-up vs eager"]:
         table.add_column(col, justify="right" if col not in ("shape", "order") else "left")
+    def tax(r, p):
+        text = f"{100 * r['tax'][p]:+.0f}%"
+        if "tax_range" in r:
+            low, high = r["tax_range"][p]
+            text += f" ({100 * low:+.0f}…{100 * high:+.0f})"
+        return text
+
     for r in rows:
         table.add_row(r["shape"], r["order"], r["format"], r["mode"],
                       *[f"{r['ms'][p]:.2f}" for p in providers],
-                      *[f"{100 * r['tax'][p]:+.0f}%" for p in providers[1:]],
+                      *[tax(r, p) for p in providers[1:]],
                       f"{r.get('fused_vs_eager', float('nan')):.2f}x")
-    Console(width=200).print(table)
+    if "runs" in rows[0]:
+        table.caption = (f"medians over {rows[0]['runs']} processes; in brackets the lowest and "
+                         f"highest tax of the processes")
+    Console(width=220).print(table)
+
+
+def _without_options(argv: list, names) -> list:
+    """argv without the given options and their values (`--name value` or `--name=value`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif not any(arg.startswith(name + "=") for name in names):
+            out.append(arg)
+    return out
 
 
 def main(argv=None) -> None:
@@ -110,6 +170,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: torch's choice, all cores)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="repeat the whole run in this many fresh processes and report "
+                             "medians (the machine's speed varies by process)")
     args = parser.parse_args(argv)
     args.formats = args.formats.split(",")
     args.providers = args.providers.split(",")
@@ -125,7 +188,18 @@ def main(argv=None) -> None:
         except (ValueError, IndexError):
             parser.error(f"--shapes: expected 'all', 'tiny' or indices 0-{len(SHAPES) - 1}, "
                          f"got {args.shapes!r}")
+    if args.processes < 1:
+        parser.error(f"--processes must be at least 1, got {args.processes}")
     common.ensure_allocator_env("benchmarks.units")
+    if args.processes > 1:
+        child_argv = _without_options(argv if argv is not None else sys.argv[1:],
+                                      ("--processes", "--json"))
+        rows = repeat_in_processes(child_argv, args.processes)
+        print_table(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"backend {fused.backend()}, copy bandwidth "

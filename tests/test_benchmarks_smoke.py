@@ -70,9 +70,29 @@ def test_units_fixed_cost_table(tmp_path, capsys, monkeypatch):
     assert "batch 2" in capsys.readouterr().out
 
 
+def test_units_medians_over_processes(tmp_path, monkeypatch):
+    """--processes 2 runs the suite in two fresh processes and reports each tax as the
+    median of theirs with its range, which contains the median."""
+    from benchmarks import units
+    for key, value in common.ALLOCATOR_ENV.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "two.json"
+    units.main(["--shapes", "tiny", "--batch", "2", "--formats", "nchw", "--modes", "fwd",
+                "--providers", "fused", "--rounds", "1", "--inner", "1", "--processes", "2",
+                "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert len(rows) == 3 and all(r["runs"] == 2 for r in rows)
+    for r in rows:
+        low, high = r["tax_range"]["fused"]
+        assert low <= r["tax"]["fused"] <= high
+    assert units._without_options(["--rounds", "3", "--processes", "4", "--json=x", "-v"],
+                                  ("--processes", "--json")) == ["--rounds", "3", "-v"]
+
+
 def test_units_rejects_bad_arguments():
     from benchmarks import units
-    for argv in (["--shapes", "9"], ["--shapes", "x"], ["--batch", "0"]):
+    for argv in (["--shapes", "9"], ["--shapes", "x"], ["--batch", "0"],
+                 ["--processes", "0"]):
         try:
             units.main(argv)
         except SystemExit as exit:
