@@ -34,7 +34,9 @@ Backward, g_z = g·[a > 0], u[o, k, l] = Σ_{i,j} Σ_n g_z[o, i, j]·inside_h[i,
     dx = backward_apply(dn, x)                       coefficients as in _norm
 
 so the norm's backward sums cost no pass over dn or x (backward_reduce would read both),
-and when x needs no gradient (a network's first unit) dn is not computed at all.
+and when x needs no gradient (a network's first unit) dn is not computed at all. With
+fixed statistics (eval) or the affine norm, dx = s·dn, which is the convolution's own input
+gradient for the weight W·s: then there is no backward_apply pass either.
 
 Eval mode is the same computation with running statistics: the norm folds into the conv
 weights plus the border map conv(B, W).
@@ -162,8 +164,18 @@ def _norm_conv_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weight: Tenso
     else:
         g = torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad
     conv_input = x if folds else prims.apply(x, scale, shift, RELU_NONE)
+    # With fixed statistics (eval) or the affine norm, dx = s·dn (k2 = k3 = 0), and s·dn is
+    # the convolution's input gradient for the weight W·s: it comes out of the convolution
+    # itself, with no backward_apply pass over dn and x. (The weight gradient does not depend
+    # on the weight the convolution is given.)
+    dx_from_conv = sums_from_weights and not batch_stats and grad_mask[0]
+    conv_weight = weight
+    if dx_from_conv:
+        conv_weight, _ = _fold_ops(prims).fold_forward(
+            weight, scale.to(weight.dtype), shift.to(weight.dtype), x.shape[2:], g.shape[2:],
+            stride, padding, dilation, groups)
     dnorm, dweight, dbias = _conv.conv_backward(
-        g, conv_input, weight, stride, padding, dilation, groups,
+        g, conv_input, conv_weight, stride, padding, dilation, groups,
         [grad_mask[0] or not sums_from_weights, grad_mask[1], grad_mask[2]])
     sums = None
     if sums_from_weights:
@@ -176,7 +188,10 @@ def _norm_conv_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weight: Tenso
     dnorm = (dnorm.contiguous(memory_format=_conv.memory_format_of(x)) if dnorm is not None
              else x.new_empty(0))
     dx, dgamma, dbeta = _norm.backward(prims, dnorm, x, mean, var, gamma, beta, eps, norm,
-                                       RELU_NONE, batch_stats, grad_mask[0], sync, sums)
+                                       RELU_NONE, batch_stats, grad_mask[0] and not dx_from_conv,
+                                       sync, sums)
+    if dx_from_conv:
+        dx = dnorm
     return _op.backward_outputs(x, dx, dweight, dbias, dgamma, dbeta)
 
 
