@@ -52,4 +52,7 @@ TORCH_LIBRARY_IMPL(bnorder_cpu, CPU, m) {
 // registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bnorder CPU kernels (registered as torch.ops.bnorder_cpu)";
+  // An autograd node, so a plain function rather than an op: eager calls only (_conv_then_norm).
+  m.def("conv_norm_train", &bnorder::conv_norm_train,
+        "conv -> norm with batch statistics, forward and backward in C++: [out, mean, var]");
 }

@@ -715,3 +715,33 @@ def test_cpp_fold_exact_matches_the_torch_test(dtype):
     assert torch.ops.bnorder_cpu.fold_exact(torch.zeros(0), torch.zeros(0), eps, limit) is True
     with pytest.raises(RuntimeError, match="fold_exact"):
         torch.ops.bnorder_cpu.fold_exact(torch.zeros(3), torch.zeros(4), eps, limit)
+
+
+@pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
+@pytest.mark.parametrize("order", ["conv-bn-relu", "conv-relu-bn"])
+def test_cpp_autograd_node_takes_training_calls_only(order):
+    """Conv-first units training with batch statistics run as one C++ autograd node
+    (csrc/unit.cpp); eval, the affine norm and torch.compile keep the Python op. The node's
+    gradients equal the Python op's in float64 (the same C++ calls, composed in C++)."""
+    torch.manual_seed(0)
+    unit = fused.make_unit(order, 3, 5, 3, padding=1, backend="fused", bias=True).double()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    out = unit.train()(x)
+    assert "ConvNormTrain" in out.grad_fn.name()
+    assert "ConvNormTrain" not in unit.eval()(x).grad_fn.name()
+    affine = fused.make_unit(order, 3, 5, 3, padding=1, backend="fused", norm="affine")
+    assert "ConvNormTrain" not in affine.train()(x.float()).grad_fn.name()
+    # The same training step through the Python op, which the node replaces in eager mode.
+    g = torch.randn_like(out)
+    params = [x, unit.conv.weight, unit.conv.bias, unit.norm.weight, unit.norm.bias]
+    grads_node = torch.autograd.grad(out, params, g)
+    conv, norm = unit.conv, unit.norm
+    relu_mode = reference.RELU_AFTER if order == "conv-bn-relu" else reference.RELU_BEFORE
+    ctn = importlib.import_module("fused._conv_then_norm")
+    out_py = ctn._conv_norm_forward_call(x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], 1,
+                                         norm.weight, norm.bias, None, None, norm.eps, "bn",
+                                         relu_mode, -1)[0]
+    assert "ConvNormTrain" not in out_py.grad_fn.name()
+    torch.testing.assert_close(out, out_py, rtol=0, atol=1e-12)
+    for a, b in zip(grads_node, torch.autograd.grad(out_py, params, g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
