@@ -55,4 +55,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // An autograd node, so a plain function rather than an op: eager calls only (_conv_then_norm).
   m.def("conv_norm_train", &bnorder::conv_norm_train,
         "conv -> norm with batch statistics, forward and backward in C++: [out, mean, var]");
+  m.def("norm_conv_train", &bnorder::norm_conv_train,
+        "norm -> conv (bn-conv-relu) with batch statistics in C++: [out, mean, var]");
 }

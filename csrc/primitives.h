@@ -87,6 +87,15 @@ std::vector<at::Tensor> conv_norm_train(const at::Tensor& x, const at::Tensor& w
                                         std::vector<int64_t> dilation, int64_t groups, double eps,
                                         int64_t norm, int64_t relu_mode);
 
+// bn-conv-relu with batch statistics as one C++ autograd node (unit.cpp): [out, mean, var].
+std::vector<at::Tensor> norm_conv_train(const at::Tensor& x, const at::Tensor& weight,
+                                        const c10::optional<at::Tensor>& bias,
+                                        const c10::optional<at::Tensor>& gamma,
+                                        const c10::optional<at::Tensor>& beta,
+                                        std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                        std::vector<int64_t> dilation, int64_t groups, double eps,
+                                        int64_t norm, bool relu, double fold_limit);
+
 bool fold_exact(const at::Tensor& mean, const at::Tensor& var, double eps, double limit);
 
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,

@@ -1,16 +1,23 @@
-// conv -> norm with batch statistics (conv-bn-relu and conv-relu-bn in training) as one
-// C++ autograd node, for eager calls on the C++ backend.
+// The units' training steps with batch statistics as one C++ autograd node each, for eager
+// calls on the C++ backend: the same compositions as the Python ops, step for step.
 //
-// The composition is _conv_then_norm's batch-statistics branch, step for step:
+// ConvNormTrain, conv-bn-relu and conv-relu-bn (_conv_then_norm's batch-statistics branch):
 //
 //   forward    y = conv(x, W, bias);  out, mean, var = norm_forward(y)       (norm.cpp)
 //   backward   dy, dgamma, dbeta = norm_backward(g, y);  dx, dW, dbias = conv_backward(dy)
 //
-// saving x, W, y and the statistics, as DESIGN §2 lists. What it removes is Python: the
-// autograd.Function's call and backward node, and the wrappers around the two C++ calls per
-// direction, ~0.1 ms per unit and step, which weighs most at small batches. torch.compile,
-// synchronized BN, fixed statistics, the affine norm and the other backends keep the Python
-// op, which composes the same calls (fused/_conv_then_norm.py).
+// NormConvTrain, bn-conv-relu (bn_conv_relu.py has the math): stats of x, then the fold
+//
+//   forward    W·s and the border map (fold_forward), z = conv(x, W·s) + map, ReLU
+//   backward   g_z and Σ_n g_z, conv_backward(g_z, x, W), fold_backward (dW and the norm's
+//              two sums), norm_backward with those sums
+//
+// or, where the fold is not exact (|mean|·rstd > limit) or the weight outweighs the
+// activation, the norm applied explicitly and recomputed in backward. Both save what
+// DESIGN §2 lists. What they remove is Python: the autograd.Function's call and backward
+// node and the wrappers around the C++ calls, ~0.1 ms per unit and step, which weighs most
+// at small batches. torch.compile, synchronized BN, fixed statistics, the affine norm,
+// 16-bit activations and the other backends keep the Python ops.
 #include "primitives.h"
 
 #include <torch/csrc/autograd/custom_function.h>
@@ -23,6 +30,34 @@ using torch::autograd::variable_list;
 
 c10::optional<at::Tensor> present(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+// needs_input_grad counts the tensor inputs that are present: x 0, weight 1, then bias,
+// gamma and beta in that order where given (-1: absent).
+void save_edges(AutogradContext* ctx, const c10::optional<at::Tensor>& bias,
+                const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta) {
+  int64_t edge = 2;
+  for (const auto& [name, t] : {std::pair<const char*, const c10::optional<at::Tensor>*>{
+                                    "bias_edge", &bias},
+                                {"gamma_edge", &gamma}, {"beta_edge", &beta}})
+    ctx->saved_data[name] = (t->has_value() && (*t)->defined()) ? edge++ : int64_t(-1);
+}
+
+bool needs(AutogradContext* ctx, const char* edge_name) {
+  const int64_t edge = ctx->saved_data[edge_name].toInt();
+  return edge >= 0 && ctx->needs_input_grad(edge);
+}
+
+// F.conv2d's output height and width.
+std::vector<int64_t> conv_output_hw(const at::Tensor& x, const at::Tensor& weight,
+                                    const std::vector<int64_t>& stride,
+                                    const std::vector<int64_t>& padding,
+                                    const std::vector<int64_t>& dilation) {
+  std::vector<int64_t> hw(2);
+  for (int i = 0; i < 2; ++i)
+    hw[i] = (x.size(2 + i) + 2 * padding[i] - dilation[i] * (weight.size(2 + i) - 1) - 1) /
+                stride[i] + 1;
+  return hw;
 }
 
 struct ConvNormTrain : public torch::autograd::Function<ConvNormTrain> {
@@ -47,13 +82,7 @@ struct ConvNormTrain : public torch::autograd::Function<ConvNormTrain> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["norm"] = norm;
     ctx->saved_data["relu_mode"] = relu_mode;
-    // needs_input_grad counts the tensor inputs that are present: x 0, weight 1, then bias,
-    // gamma and beta in that order where given (-1: absent).
-    int64_t edge = 2;
-    for (const auto& [name, t] : {std::pair<const char*, const c10::optional<at::Tensor>*>{
-                                      "bias_edge", &bias},
-                                  {"gamma_edge", &gamma}, {"beta_edge", &beta}})
-      ctx->saved_data[name] = (t->has_value() && (*t)->defined()) ? edge++ : int64_t(-1);
+    save_edges(ctx, bias, gamma, beta);
     ctx->mark_non_differentiable({mean, var});
     return {out, mean, var};
   }
@@ -69,10 +98,6 @@ struct ConvNormTrain : public torch::autograd::Function<ConvNormTrain> {
     const auto padding = ctx->saved_data["padding"].toIntVector();
     const auto dilation = ctx->saved_data["dilation"].toIntVector();
     const int64_t groups = ctx->saved_data["groups"].toInt();
-    const auto needs = [&](const char* edge_name) {
-      const int64_t edge = ctx->saved_data[edge_name].toInt();
-      return edge >= 0 && ctx->needs_input_grad(edge);
-    };
     const bool has_bias = ctx->saved_data["bias_edge"].toInt() >= 0;
     // The primitives read g in y's layout.
     g = g.contiguous(y.is_contiguous() ? at::MemoryFormat::Contiguous
@@ -82,7 +107,7 @@ struct ConvNormTrain : public torch::autograd::Function<ConvNormTrain> {
         ctx->saved_data["norm"].toInt(), ctx->saved_data["relu_mode"].toInt(),
         /*batch_stats=*/true, /*input_grad=*/true, c10::nullopt, c10::nullopt);
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                      needs("bias_edge")};
+                                      needs(ctx, "bias_edge")};
     if (mask[0] || mask[1] || mask[2]) {
       std::vector<int64_t> bias_sizes = {weight.size(0)};
       auto [dx, dweight, dbias] = at::convolution_backward(
@@ -93,13 +118,137 @@ struct ConvNormTrain : public torch::autograd::Function<ConvNormTrain> {
       result[2] = mask[2] ? dbias : at::Tensor();
     }
     // dgamma / dbeta are float32 (float64 for float64 data); the parameters' own dtype back.
-    if (needs("gamma_edge")) result[3] = dgamma.to(gamma.scalar_type());
-    if (needs("beta_edge")) result[4] = dbeta.to(beta.scalar_type());
+    if (needs(ctx, "gamma_edge")) result[3] = dgamma.to(gamma.scalar_type());
+    if (needs(ctx, "beta_edge")) result[4] = dbeta.to(beta.scalar_type());
+    return result;
+  }
+};
+
+at::MemoryFormat format_of(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+// Σ over the batch, (1, C, H, W) in t's layout, as one pass over contiguous memory.
+at::Tensor batch_sum(const at::Tensor& t) {
+  if (format_of(t) == at::MemoryFormat::ChannelsLast) {
+    const auto n = t.size(0), c = t.size(1), h = t.size(2), w = t.size(3);
+    return t.permute({0, 2, 3, 1}).reshape({n, -1}).sum(0).view({1, h, w, c}).permute({0, 3, 1, 2});
+  }
+  return t.reshape({t.size(0), -1}).sum(0).view({1, t.size(1), t.size(2), t.size(3)});
+}
+
+struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias,
+                               const c10::optional<at::Tensor>& gamma,
+                               const c10::optional<at::Tensor>& beta, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                               int64_t groups, double eps, int64_t norm, bool relu,
+                               double fold_limit) {
+    auto [unused, mean, var, scale, shift] = norm_forward(x, gamma, beta, c10::nullopt,
+                                                          c10::nullopt, eps, norm, RELU_NONE,
+                                                          /*apply_norm=*/false);
+    const bool folds = weight.numel() <= x.numel() && fold_exact(mean, var, eps, fold_limit);
+    at::Tensor z;
+    if (folds) {
+      const std::vector<int64_t> out_hw = conv_output_hw(x, weight, stride, padding, dilation);
+      auto [scaled_weight, map] = fold_forward(
+          weight, scale.to(weight.scalar_type()), shift.to(weight.scalar_type()),
+          x.sizes().slice(2), out_hw, stride, padding, dilation, groups);
+      z = at::convolution(x, scaled_weight, bias, stride, padding, dilation, false, {0, 0}, groups);
+      z = add_map_relu(z, map, relu);
+    } else {
+      z = at::convolution(bnorder::apply(x, scale, shift, RELU_NONE), weight, bias, stride, padding,
+                          dilation, false, {0, 0}, groups);
+      if (relu) z.relu_();
+    }
+    ctx->save_for_backward({x, weight, relu ? z : at::Tensor(), mean, var, scale, shift,
+                            gamma.value_or(at::Tensor()), beta.value_or(at::Tensor())});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["norm"] = norm;
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["folds"] = folds;
+    save_edges(ctx, bias, gamma, beta);
+    ctx->mark_non_differentiable({mean, var});
+    return {z, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(13);
+    at::Tensor grad = grads[0];
+    if (!grad.defined()) return result;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &out = saved[2], &mean = saved[3],
+                     &var = saved[4], &scale = saved[5], &shift = saved[6], &gamma = saved[7],
+                     &beta = saved[8];
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const bool relu = ctx->saved_data["relu"].toBool(), folds = ctx->saved_data["folds"].toBool();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    const bool need_b = needs(ctx, "bias_edge");
+    const bool has_bias = ctx->saved_data["bias_edge"].toInt() >= 0;
+    // Folded, with the weight gradient computed anyway, the norm's sums come from it.
+    const bool sums_from_weights = folds && need_w;
+    at::Tensor g, g_batch_sum;
+    if (relu && sums_from_weights) {
+      std::tie(g, g_batch_sum) = relu_grad_batch_sum(grad.contiguous(format_of(out)), out);
+    } else {
+      g = relu ? at::threshold_backward(grad, out, 0) : grad;
+    }
+    const at::Tensor conv_input = folds ? x : bnorder::apply(x, scale, shift, RELU_NONE);
+    std::vector<int64_t> bias_sizes = {weight.size(0)};
+    auto [dn, dweight, dbias] = at::convolution_backward(
+        g, conv_input, weight, has_bias ? c10::optional<at::IntArrayRef>(bias_sizes) : c10::nullopt,
+        stride, padding, dilation, false, {0, 0}, groups,
+        {need_x || !sums_from_weights, need_w, need_b});
+    c10::optional<at::Tensor> sum_g, sum_gt;
+    if (sums_from_weights) {
+      if (!g_batch_sum.defined()) g_batch_sum = batch_sum(g);
+      const auto wdtype = weight.scalar_type();
+      auto [dw, sum_dn, sum_dn_centered] = fold_backward(
+          weight, dweight, g_batch_sum, scale.to(wdtype), shift.to(wdtype), mean.to(wdtype),
+          x.sizes().slice(2), stride, padding, dilation, groups);
+      dweight = dw;
+      sum_g = sum_dn.to(scale.scalar_type());
+      sum_gt = sum_dn_centered.to(scale.scalar_type());
+    }
+    const at::Tensor dn_in = dn.defined() ? dn.contiguous(format_of(x)) : x.new_empty({0});
+    auto [dx, dgamma, dbeta] = norm_backward(
+        dn_in, x, mean, var, present(gamma), present(beta), ctx->saved_data["eps"].toDouble(),
+        ctx->saved_data["norm"].toInt(), RELU_NONE, /*batch_stats=*/true, need_x, sum_g, sum_gt);
+    if (need_x) result[0] = dx;
+    if (need_w) result[1] = dweight;
+    if (need_b) result[2] = dbias;
+    if (needs(ctx, "gamma_edge")) result[3] = dgamma.to(gamma.scalar_type());
+    if (needs(ctx, "beta_edge")) result[4] = dbeta.to(beta.scalar_type());
     return result;
   }
 };
 
 }  // namespace
+
+std::vector<at::Tensor> norm_conv_train(const at::Tensor& x, const at::Tensor& weight,
+                                        const c10::optional<at::Tensor>& bias,
+                                        const c10::optional<at::Tensor>& gamma,
+                                        const c10::optional<at::Tensor>& beta,
+                                        std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                        std::vector<int64_t> dilation, int64_t groups, double eps,
+                                        int64_t norm, bool relu, double fold_limit) {
+  TORCH_CHECK(norm == 0 || norm == 1, "bnorder norm_conv_train: batch statistics need norm bn "
+              "(0) or bn-minus (1), got ", norm);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "bnorder norm_conv_train: float32/float64 input, got ", x.scalar_type());
+  return NormConvTrain::apply(x, weight, bias, gamma, beta, std::move(stride), std::move(padding),
+                              std::move(dilation), groups, eps, norm, relu, fold_limit);
+}
 
 std::vector<at::Tensor> conv_norm_train(const at::Tensor& x, const at::Tensor& weight,
                                         const c10::optional<at::Tensor>& bias,

@@ -171,17 +171,10 @@ _conv_norm_forward_call = _op.with_autograd(conv_norm_forward, _conv_norm_forwar
                                             _setup_context, _backward)
 
 
-def _cpp_node_runs(x, norm: str, mean_in, sync: int) -> bool:
-    """Whether the C++ autograd node (csrc/unit.cpp) takes the call: an eager call on the
-    C++ backend, with batch statistics of this process alone."""
-    return (sync < 0 and mean_in is None and norm != "affine" and not _op._tracing(x)
-            and _backend.name_for(x.device) == "cpp")
-
-
 def forward(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in,
             eps, norm, relu_mode, sync=-1):
     """The order-specific step of `_unit.run`: (out, batch mean, batch var, local count)."""
-    if _cpp_node_runs(x, norm, mean_in, sync):
+    if _op.cpp_node_runs(x, norm, mean_in, sync):
         from . import _C
         out, mean, var = _C.conv_norm_train(x, weight, bias, gamma, beta, stride, padding,
                                             dilation, groups, eps, _norm.NORM_CODES[norm],

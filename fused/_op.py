@@ -23,6 +23,14 @@ def _tracing(first_arg) -> bool:
             or first_arg.is_meta)
 
 
+def cpp_node_runs(x, norm: str, mean_in, sync: int) -> bool:
+    """Whether a unit's C++ autograd node (csrc/unit.cpp) takes the call: an eager call on
+    the C++ backend, with batch statistics of this process alone."""
+    from . import _backend
+    return (sync < 0 and mean_in is None and norm != "affine" and not _tracing(x)
+            and _backend.name_for(x.device) == "cpp")
+
+
 def eager_or_op(op: Callable, impl: Callable) -> Callable:
     """Call `impl` directly in eager mode, the registered `op` while tracing."""
     def call(*args):

@@ -50,6 +50,10 @@ weight is larger than the activation, so that rescaling it costs more than a pas
 norm(x) (wide fully connected units) — the norm is
 applied explicitly, n = apply(x), convolved and dropped; backward recomputes n instead of
 storing it, so norm(x) is still never kept between forward and backward.
+
+Eager training calls with batch statistics on the C++ backend (float32/float64) run this
+composition, fold or explicit norm alike, as one C++ autograd node (csrc/unit.cpp), which
+spares the Python of the autograd.Function and its wrappers; the op below serves the rest.
 """
 from __future__ import annotations
 
@@ -236,6 +240,14 @@ _norm_conv_forward_call = _op.with_autograd(norm_conv_forward, _norm_conv_forwar
 
 def _forward(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in,
              eps, norm, relu_mode, sync=-1):
+    if (_op.cpp_node_runs(x, norm, mean_in, sync)
+            and x.dtype in (torch.float32, torch.float64)):
+        # The same composition as one C++ autograd node (csrc/unit.cpp).
+        from . import _C
+        out, mean, var = _C.norm_conv_train(x, weight, bias, gamma, beta, stride, padding,
+                                            dilation, groups, eps, _norm.NORM_CODES[norm],
+                                            relu_mode != RELU_NONE, FOLD_MAX_MEAN_OVER_STD)
+        return out, mean, var, x.numel() // x.shape[1]
     out, mean, var = _norm_conv_forward_call(x, weight, bias, stride, padding, dilation,
                                              groups, gamma, beta, mean_in, var_in, eps, norm,
                                              relu_mode != RELU_NONE, sync)

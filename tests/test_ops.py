@@ -745,3 +745,31 @@ def test_cpp_autograd_node_takes_training_calls_only(order):
     torch.testing.assert_close(out, out_py, rtol=0, atol=1e-12)
     for a, b in zip(grads_node, torch.autograd.grad(out_py, params, g)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["folded", "explicit-norm"])
+def test_cpp_autograd_node_bn_conv_relu(offset):
+    """bn-conv-relu training with batch statistics runs as one C++ autograd node, folded or
+    (at mean 1e4, where the fold is not exact) with the norm applied explicitly, and equals
+    the Python op in float64: output and all five gradients."""
+    torch.manual_seed(0)
+    unit = fused.make_unit("bn-conv-relu", 3, 5, 3, stride=2, padding=1, backend="fused",
+                           bias=True).double().train()
+    x = (torch.randn(4, 3, 7, 7, dtype=torch.float64) + offset).requires_grad_()
+    out = unit(x)
+    assert "NormConvTrain" in out.grad_fn.name()
+    assert "NormConvTrain" not in unit.eval()(x).grad_fn.name()
+    g = torch.randn_like(out)
+    conv, norm = unit.conv, unit.norm
+    params = [x, conv.weight, conv.bias, norm.weight, norm.bias]
+    grads_node = torch.autograd.grad(out, params, g)
+    bcr = importlib.import_module("fused.bn_conv_relu")
+    out_py = bcr._norm_conv_forward_call(x, conv.weight, conv.bias, [2, 2], [1, 1], [1, 1], 1,
+                                         norm.weight, norm.bias, None, None, norm.eps, "bn",
+                                         True, -1)[0]
+    assert "NormConvTrain" not in out_py.grad_fn.name()
+    tol = 1e-12 * (1 + offset)
+    torch.testing.assert_close(out, out_py, rtol=0, atol=tol)
+    for a, b in zip(grads_node, torch.autograd.grad(out_py, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=tol)
