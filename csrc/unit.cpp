@@ -60,6 +60,58 @@ std::vector<int64_t> conv_output_hw(const at::Tensor& x, const at::Tensor& weigh
   return hw;
 }
 
+at::MemoryFormat format_of(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+// What both nodes keep besides tensors: the convolution's geometry, eps, the norm, and which
+// of the optional tensor inputs are present (save_edges).
+struct UnitArgs {
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+  double eps;
+  int64_t norm;
+
+  void save(AutogradContext* ctx, const c10::optional<at::Tensor>& bias,
+            const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta) const {
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["norm"] = norm;
+    save_edges(ctx, bias, gamma, beta);
+  }
+
+  static UnitArgs load(AutogradContext* ctx) {
+    return {ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+            ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["groups"].toInt(),
+            ctx->saved_data["eps"].toDouble(), ctx->saved_data["norm"].toInt()};
+  }
+
+  // (d input, d weight, d bias) of conv(input, weight) for gradient g; entries not in mask
+  // are undefined.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
+      AutogradContext* ctx, const at::Tensor& g, const at::Tensor& input,
+      const at::Tensor& weight, std::array<bool, 3> mask) const {
+    const bool has_bias = ctx->saved_data["bias_edge"].toInt() >= 0;
+    std::vector<int64_t> bias_sizes = {weight.size(0)};
+    return at::convolution_backward(
+        g, input, weight, has_bias ? c10::optional<at::IntArrayRef>(bias_sizes) : c10::nullopt,
+        stride, padding, dilation, /*transposed=*/false, {0, 0}, groups, mask);
+  }
+};
+
+// gamma's and beta's gradients, where asked for, in the parameters' own dtype (the norm
+// computes them in float32, float64 for float64 data).
+void set_param_grads(AutogradContext* ctx, variable_list& result, const at::Tensor& dgamma,
+                     const at::Tensor& dbeta, const at::Tensor& gamma, const at::Tensor& beta) {
+  if (needs(ctx, "gamma_edge")) result[3] = dgamma.to(gamma.scalar_type());
+  if (needs(ctx, "beta_edge")) result[4] = dbeta.to(beta.scalar_type());
+}
+
 struct ConvNormTrain : public torch::autograd::Function<ConvNormTrain> {
   // Inputs 0-4 are tensors (bias, gamma, beta optional); the rest configure.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -75,14 +127,8 @@ struct ConvNormTrain : public torch::autograd::Function<ConvNormTrain> {
                                                        /*apply_norm=*/true);
     ctx->save_for_backward({x, weight, y, mean, var, gamma.value_or(at::Tensor()),
                             beta.value_or(at::Tensor())});
-    ctx->saved_data["stride"] = stride;
-    ctx->saved_data["padding"] = padding;
-    ctx->saved_data["dilation"] = dilation;
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["norm"] = norm;
+    UnitArgs{stride, padding, dilation, groups, eps, norm}.save(ctx, bias, gamma, beta);
     ctx->saved_data["relu_mode"] = relu_mode;
-    save_edges(ctx, bias, gamma, beta);
     ctx->mark_non_differentiable({mean, var});
     return {out, mean, var};
   }
@@ -94,41 +140,21 @@ struct ConvNormTrain : public torch::autograd::Function<ConvNormTrain> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &y = saved[2], &mean = saved[3],
                      &var = saved[4], &gamma = saved[5], &beta = saved[6];
-    const auto stride = ctx->saved_data["stride"].toIntVector();
-    const auto padding = ctx->saved_data["padding"].toIntVector();
-    const auto dilation = ctx->saved_data["dilation"].toIntVector();
-    const int64_t groups = ctx->saved_data["groups"].toInt();
-    const bool has_bias = ctx->saved_data["bias_edge"].toInt() >= 0;
+    const UnitArgs args = UnitArgs::load(ctx);
     // The primitives read g in y's layout.
-    g = g.contiguous(y.is_contiguous() ? at::MemoryFormat::Contiguous
-                                       : at::MemoryFormat::ChannelsLast);
+    g = g.contiguous(format_of(y));
     auto [dy, dgamma, dbeta] = norm_backward(
-        g, y, mean, var, present(gamma), present(beta), ctx->saved_data["eps"].toDouble(),
-        ctx->saved_data["norm"].toInt(), ctx->saved_data["relu_mode"].toInt(),
-        /*batch_stats=*/true, /*input_grad=*/true, c10::nullopt, c10::nullopt);
+        g, y, mean, var, present(gamma), present(beta), args.eps, args.norm,
+        ctx->saved_data["relu_mode"].toInt(), /*batch_stats=*/true, /*input_grad=*/true,
+        c10::nullopt, c10::nullopt);
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       needs(ctx, "bias_edge")};
-    if (mask[0] || mask[1] || mask[2]) {
-      std::vector<int64_t> bias_sizes = {weight.size(0)};
-      auto [dx, dweight, dbias] = at::convolution_backward(
-          dy, x, weight, has_bias ? c10::optional<at::IntArrayRef>(bias_sizes) : c10::nullopt,
-          stride, padding, dilation, /*transposed=*/false, {0, 0}, groups, mask);
-      result[0] = mask[0] ? dx : at::Tensor();
-      result[1] = mask[1] ? dweight : at::Tensor();
-      result[2] = mask[2] ? dbias : at::Tensor();
-    }
-    // dgamma / dbeta are float32 (float64 for float64 data); the parameters' own dtype back.
-    if (needs(ctx, "gamma_edge")) result[3] = dgamma.to(gamma.scalar_type());
-    if (needs(ctx, "beta_edge")) result[4] = dbeta.to(beta.scalar_type());
+    if (mask[0] || mask[1] || mask[2])
+      std::tie(result[0], result[1], result[2]) = args.conv_backward(ctx, dy, x, weight, mask);
+    set_param_grads(ctx, result, dgamma, dbeta, gamma, beta);
     return result;
   }
 };
-
-at::MemoryFormat format_of(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
-}
 
 // Σ over the batch, (1, C, H, W) in t's layout, as one pass over contiguous memory.
 at::Tensor batch_sum(const at::Tensor& t) {
@@ -166,15 +192,9 @@ struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
     }
     ctx->save_for_backward({x, weight, relu ? z : at::Tensor(), mean, var, scale, shift,
                             gamma.value_or(at::Tensor()), beta.value_or(at::Tensor())});
-    ctx->saved_data["stride"] = stride;
-    ctx->saved_data["padding"] = padding;
-    ctx->saved_data["dilation"] = dilation;
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["norm"] = norm;
+    UnitArgs{stride, padding, dilation, groups, eps, norm}.save(ctx, bias, gamma, beta);
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["folds"] = folds;
-    save_edges(ctx, bias, gamma, beta);
     ctx->mark_non_differentiable({mean, var});
     return {z, mean, var};
   }
@@ -187,14 +207,10 @@ struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
     const at::Tensor &x = saved[0], &weight = saved[1], &out = saved[2], &mean = saved[3],
                      &var = saved[4], &scale = saved[5], &shift = saved[6], &gamma = saved[7],
                      &beta = saved[8];
-    const auto stride = ctx->saved_data["stride"].toIntVector();
-    const auto padding = ctx->saved_data["padding"].toIntVector();
-    const auto dilation = ctx->saved_data["dilation"].toIntVector();
-    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const UnitArgs args = UnitArgs::load(ctx);
     const bool relu = ctx->saved_data["relu"].toBool(), folds = ctx->saved_data["folds"].toBool();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     const bool need_b = needs(ctx, "bias_edge");
-    const bool has_bias = ctx->saved_data["bias_edge"].toInt() >= 0;
     // Folded, with the weight gradient computed anyway, the norm's sums come from it.
     const bool sums_from_weights = folds && need_w;
     at::Tensor g, g_batch_sum;
@@ -204,31 +220,27 @@ struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
       g = relu ? at::threshold_backward(grad, out, 0) : grad;
     }
     const at::Tensor conv_input = folds ? x : bnorder::apply(x, scale, shift, RELU_NONE);
-    std::vector<int64_t> bias_sizes = {weight.size(0)};
-    auto [dn, dweight, dbias] = at::convolution_backward(
-        g, conv_input, weight, has_bias ? c10::optional<at::IntArrayRef>(bias_sizes) : c10::nullopt,
-        stride, padding, dilation, false, {0, 0}, groups,
-        {need_x || !sums_from_weights, need_w, need_b});
+    auto [dn, dweight, dbias] = args.conv_backward(
+        ctx, g, conv_input, weight, {need_x || !sums_from_weights, need_w, need_b});
     c10::optional<at::Tensor> sum_g, sum_gt;
     if (sums_from_weights) {
       if (!g_batch_sum.defined()) g_batch_sum = batch_sum(g);
       const auto wdtype = weight.scalar_type();
       auto [dw, sum_dn, sum_dn_centered] = fold_backward(
           weight, dweight, g_batch_sum, scale.to(wdtype), shift.to(wdtype), mean.to(wdtype),
-          x.sizes().slice(2), stride, padding, dilation, groups);
+          x.sizes().slice(2), args.stride, args.padding, args.dilation, args.groups);
       dweight = dw;
       sum_g = sum_dn.to(scale.scalar_type());
       sum_gt = sum_dn_centered.to(scale.scalar_type());
     }
     const at::Tensor dn_in = dn.defined() ? dn.contiguous(format_of(x)) : x.new_empty({0});
     auto [dx, dgamma, dbeta] = norm_backward(
-        dn_in, x, mean, var, present(gamma), present(beta), ctx->saved_data["eps"].toDouble(),
-        ctx->saved_data["norm"].toInt(), RELU_NONE, /*batch_stats=*/true, need_x, sum_g, sum_gt);
+        dn_in, x, mean, var, present(gamma), present(beta), args.eps, args.norm, RELU_NONE,
+        /*batch_stats=*/true, need_x, sum_g, sum_gt);
     if (need_x) result[0] = dx;
     if (need_w) result[1] = dweight;
     if (need_b) result[2] = dbias;
-    if (needs(ctx, "gamma_edge")) result[3] = dgamma.to(gamma.scalar_type());
-    if (needs(ctx, "beta_edge")) result[4] = dbeta.to(beta.scalar_type());
+    set_param_grads(ctx, result, dgamma, dbeta, gamma, beta);
     return result;
   }
 };
