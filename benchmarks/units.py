@@ -119,10 +119,14 @@ def print_table(rows: list) -> None:
     from rich.table import Table
 
     providers = [p for p in ("conv+relu", "eager", "fused", "compile") if p in rows[0]["ms"]]
+    # A ratio column only where both of its providers ran.
+    ratios = [(label, key) for label, key in (("fused speed-up vs eager", "fused_vs_eager"),
+                                              ("fused speed-up vs compile", "fused_vs_compile"))
+              if key in rows[0]]
     table = Table(title=f"One unit, batch {BATCH}, fp32, {torch.get_num_threads()} threads "
                         f"(median ms; BN tax = unit / conv+relu − 1)")
     for col in ["shape", "order", "fmt", "mode", *[f"{p} ms" for p in providers],
-                *[f"tax {p}" for p in providers[1:]], "fused speed-up vs eager"]:
+                *[f"tax {p}" for p in providers[1:]], *[label for label, _ in ratios]]:
         table.add_column(col, justify="right" if col not in ("shape", "order") else "left")
     def tax(r, p):
         text = f"{100 * r['tax'][p]:+.0f}%"
@@ -135,7 +139,7 @@ def print_table(rows: list) -> None:
         table.add_row(r["shape"], r["order"], r["format"], r["mode"],
                       *[f"{r['ms'][p]:.2f}" for p in providers],
                       *[tax(r, p) for p in providers[1:]],
-                      f"{r.get('fused_vs_eager', float('nan')):.2f}x")
+                      *[f"{r[key]:.2f}x" for _, key in ratios])
     if "runs" in rows[0]:
         table.caption = (f"medians over {rows[0]['runs']} processes; in brackets the lowest and "
                          f"highest tax of the processes")
