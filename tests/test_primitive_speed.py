@@ -4,7 +4,8 @@ The ReLU placement only adds a compare and a select to each C++ primitive, so ev
 at the speed of the mode without ReLU. Once, on an AVX2 machine, backward_apply with the ReLU
 before the norm compiled to scalar branches mispredicted on half of the values and ran 15x
 slower than the other modes; no correctness test saw it, and the AVX-512 machine it was
-written on never showed it. This test times each primitive per mode on the same random data
+written on never showed it. bfloat16 had the same trouble in apply and backward_apply (their
+conversions kept the loops scalar) until they went through float buffers. This test times each primitive per mode on the same random data
 (interleaved, medians) and fails beyond 3x the time of mode none: far above the noise of
 this machine (±15 %), far below the slowdown of a lost vectorization.
 
@@ -47,13 +48,14 @@ def median_times(calls, rounds=15):
     return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 
-def slow_modes(channels_last):
+def slow_modes(channels_last, dtype="float32"):
     """{primitive and mode: its time / the time without ReLU} for the modes beyond LIMIT."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     ops = torch.ops.bnorder_cpu
     shape = (64, 16, 32, 32)  # 4 MiB per tensor: long enough to time, quick to run
-    t = torch.randn(shape).contiguous(memory_format=memory_format)  # half the values ≤ 0
-    g = torch.randn(shape).contiguous(memory_format=memory_format)
+    dtype = getattr(torch, dtype)
+    t = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format)  # half ≤ 0
+    g = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format)
     c = shape[1]
     mean, scale, shift = torch.randn(c), torch.rand(c) + 0.5, torch.randn(c)
     k1, k2, k3 = torch.rand(c) + 0.5, torch.randn(c), torch.randn(c)
@@ -70,10 +72,11 @@ def slow_modes(channels_last):
             for name, mode in calls if times[name, mode] > LIMIT * times[name, 0]}
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_relu_modes_run_as_fast_as_no_relu(channels_last):
+def test_relu_modes_run_as_fast_as_no_relu(channels_last, dtype):
     code = ("import json, sys; from tests.test_primitive_speed import slow_modes; "
-            f"print(json.dumps(slow_modes({channels_last})))")
+            f"print(json.dumps(slow_modes({channels_last}, {dtype!r})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **common.ALLOCATOR_ENV})
     assert proc.returncode == 0, proc.stderr[-3000:]
