@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -473,38 +474,23 @@ void for_each_run(const Geometry& geo, PlaneFn plane, RowFn row) {
 // Converted, the arithmetic runs in the same vectorized loop as float32's.
 constexpr int64_t kConvertBlock = 256;
 
-// body(i0, len, in..., out) computes out[0..len) from in...[0..len), acc_t values [i0, i0 + len)
-// of a run of n; for acc_t data it is called once on the data itself.
-template <typename scalar_t, typename acc_t, typename Body>
-inline void map_run(int64_t n, const scalar_t* x, scalar_t* y, const Body& body) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    body(int64_t(0), n, x, y);
-  } else {
-    acc_t xb[kConvertBlock], yb[kConvertBlock];
-    for (int64_t i0 = 0; i0 < n; i0 += kConvertBlock) {
-      const int64_t len = std::min(kConvertBlock, n - i0);
-      for (int64_t i = 0; i < len; ++i) xb[i] = static_cast<acc_t>(x[i0 + i]);
-      body(i0, len, xb, yb);
-      for (int64_t i = 0; i < len; ++i) y[i0 + i] = static_cast<scalar_t>(yb[i]);
-    }
-  }
-}
-
-template <typename scalar_t, typename acc_t, typename Body>
-inline void map_run(int64_t n, const scalar_t* g, const scalar_t* x, scalar_t* y,
+// body(i0, len, in, out) computes out[0..len) from the N inputs in[k][0..len): acc_t values
+// [i0, i0 + len) of a run of n. For acc_t data it is called once on the data itself.
+template <typename scalar_t, typename acc_t, size_t N, typename Body>
+inline void map_run(int64_t n, const std::array<const scalar_t*, N>& in, scalar_t* out,
                     const Body& body) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    body(int64_t(0), n, g, x, y);
+    body(int64_t(0), n, in, out);
   } else {
-    acc_t gb[kConvertBlock], xb[kConvertBlock], yb[kConvertBlock];
+    acc_t in_block[N][kConvertBlock], out_block[kConvertBlock];
+    std::array<const acc_t*, N> converted;
+    for (size_t k = 0; k < N; ++k) converted[k] = in_block[k];
     for (int64_t i0 = 0; i0 < n; i0 += kConvertBlock) {
       const int64_t len = std::min(kConvertBlock, n - i0);
-      for (int64_t i = 0; i < len; ++i) {
-        gb[i] = static_cast<acc_t>(g[i0 + i]);
-        xb[i] = static_cast<acc_t>(x[i0 + i]);
-      }
-      body(i0, len, gb, xb, yb);
-      for (int64_t i = 0; i < len; ++i) y[i0 + i] = static_cast<scalar_t>(yb[i]);
+      for (size_t k = 0; k < N; ++k)
+        for (int64_t i = 0; i < len; ++i) in_block[k][i] = static_cast<acc_t>(in[k][i0 + i]);
+      body(i0, len, converted, out_block);
+      for (int64_t i = 0; i < len; ++i) out[i0 + i] = static_cast<scalar_t>(out_block[i]);
     }
   }
 }
@@ -517,15 +503,17 @@ void apply_kernel(const scalar_t* x, scalar_t* y, const Geometry& geo, const acc
       geo,
       [&](int64_t c, int64_t off, int64_t n) {
         const acc_t s = scale[c], b = shift[c];
-        map_run<scalar_t, acc_t>(n, x + off, y + off,
-            [&](int64_t, int64_t len, const acc_t* __restrict__ xp, acc_t* __restrict__ yp) {
+        map_run<scalar_t, acc_t, 1>(n, {x + off}, y + off,
+            [&](int64_t, int64_t len, const auto& in, acc_t* __restrict__ yp) {
+              const acc_t* __restrict__ xp = in[0];
 #pragma omp simd
               for (int64_t i = 0; i < len; ++i) yp[i] = normalize<Mode, acc_t>(xp[i], s, b);
             });
       },
       [&](int64_t off) {
-        map_run<scalar_t, acc_t>(C, x + off, y + off,
-            [&](int64_t c0, int64_t len, const acc_t* __restrict__ xp, acc_t* __restrict__ yp) {
+        map_run<scalar_t, acc_t, 1>(C, {x + off}, y + off,
+            [&](int64_t c0, int64_t len, const auto& in, acc_t* __restrict__ yp) {
+              const acc_t* __restrict__ xp = in[0];
               const acc_t* __restrict__ sp = scale + c0;
               const acc_t* __restrict__ bp = shift + c0;
 #pragma omp simd
@@ -544,18 +532,18 @@ void backward_apply_kernel(const scalar_t* g, const scalar_t* x, scalar_t* dx,
       geo,
       [&](int64_t c, int64_t off, int64_t n) {
         const acc_t s = scale[c], b = shift[c], m = mean[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
-        map_run<scalar_t, acc_t>(n, g + off, x + off, dx + off,
-            [&](int64_t, int64_t len, const acc_t* __restrict__ gp, const acc_t* __restrict__ xp,
-                acc_t* __restrict__ dp) {
+        map_run<scalar_t, acc_t, 2>(n, {g + off, x + off}, dx + off,
+            [&](int64_t, int64_t len, const auto& in, acc_t* __restrict__ dp) {
+              const acc_t *__restrict__ gp = in[0], *__restrict__ xp = in[1];
 #pragma omp simd
               for (int64_t i = 0; i < len; ++i)
                 dp[i] = input_grad<Mode, acc_t>(gp[i], xp[i], s, b, m, a1, a2, a3);
             });
       },
       [&](int64_t off) {
-        map_run<scalar_t, acc_t>(C, g + off, x + off, dx + off,
-            [&](int64_t c0, int64_t len, const acc_t* __restrict__ gp,
-                const acc_t* __restrict__ xp, acc_t* __restrict__ dp) {
+        map_run<scalar_t, acc_t, 2>(C, {g + off, x + off}, dx + off,
+            [&](int64_t c0, int64_t len, const auto& in, acc_t* __restrict__ dp) {
+              const acc_t *__restrict__ gp = in[0], *__restrict__ xp = in[1];
               const acc_t *__restrict__ sp = scale + c0, *__restrict__ bp = shift + c0,
                           *__restrict__ mp = mean + c0;
               const acc_t *__restrict__ p1 = k1 + c0, *__restrict__ p2 = k2 + c0,

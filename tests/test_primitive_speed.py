@@ -5,9 +5,10 @@ at the speed of the mode without ReLU. Once, on an AVX2 machine, backward_apply 
 before the norm compiled to scalar branches mispredicted on half of the values and ran 15x
 slower than the other modes; no correctness test saw it, and the AVX-512 machine it was
 written on never showed it. bfloat16 had the same trouble in apply and backward_apply (their
-conversions kept the loops scalar) until they went through float buffers. This test times each primitive per mode on the same random data
-(interleaved, medians) and fails beyond 3x the time of mode none: far above the noise of
-this machine (±15 %), far below the slowdown of a lost vectorization.
+conversions kept the loops scalar) until they went through float buffers. This test times
+each primitive per mode on the same random data (interleaved, medians) and fails beyond 3x
+the time of mode none: far above the noise of this machine (±15 %), far below the slowdown
+of a lost vectorization.
 
 The timing runs in a child process with the benchmarks' allocator settings (DESIGN §8): with
 glibc's defaults some output tensors come from fresh mmap'd pages, and their page faults made
@@ -75,7 +76,7 @@ def slow_modes(channels_last, dtype="float32"):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_relu_modes_run_as_fast_as_no_relu(channels_last, dtype):
-    code = ("import json, sys; from tests.test_primitive_speed import slow_modes; "
+    code = ("import json; from tests.test_primitive_speed import slow_modes; "
             f"print(json.dumps(slow_modes({channels_last}, {dtype!r})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **common.ALLOCATOR_ENV})
