@@ -47,9 +47,10 @@ void add_map_relu_kernel(const scalar_t* zp, const scalar_t* mp, scalar_t* outp,
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / chunks, i0 = (b % chunks) * chunk;
       const int64_t len = std::min(chunk, image - i0);
-      const scalar_t* __restrict__ src = zp + n * image + i0;
+      // dst may be src (add_map_relu_): no __restrict__ between them.
+      const scalar_t* src = zp + n * image + i0;
       const scalar_t* __restrict__ add = mp + i0;
-      scalar_t* __restrict__ dst = outp + n * image + i0;
+      scalar_t* dst = outp + n * image + i0;
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
         const acc_t v = static_cast<acc_t>(src[i]) + static_cast<acc_t>(add[i]);
@@ -99,7 +100,11 @@ void relu_grad_batch_sum_kernel(const scalar_t* gp, const scalar_t* outp, scalar
 
 }  // namespace
 
-at::Tensor add_map_relu(const at::Tensor& z, const at::Tensor& map, bool apply_relu) {
+namespace {
+
+// relu(z + map) into out, which is z itself or a tensor like it.
+void add_map_relu_into(const at::Tensor& z, const at::Tensor& map, bool apply_relu,
+                       at::Tensor& out) {
   const char* op = "bnorder_cpu::add_map_relu";
   check_activation(z, "z", op);
   check_activation(map, "map", op);
@@ -111,9 +116,8 @@ at::Tensor add_map_relu(const at::Tensor& z, const at::Tensor& map, bool apply_r
   const bool rows = is_channels_last(z);
   const at::Tensor m = map.contiguous(rows ? at::MemoryFormat::ChannelsLast
                                            : at::MemoryFormat::Contiguous);
-  auto out = at::empty_like(z);
   const int64_t N = z.size(0), image = z.numel() / std::max<int64_t>(N, 1);
-  if (z.numel() == 0) return out;
+  if (z.numel() == 0) return;
   // In both layouts one image is `image` contiguous values, and map is one such image.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "add_map_relu", [&] {
     auto kernel = apply_relu ? add_map_relu_kernel<scalar_t, true>
@@ -121,7 +125,18 @@ at::Tensor add_map_relu(const at::Tensor& z, const at::Tensor& map, bool apply_r
     kernel(z.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(),
            out.mutable_data_ptr<scalar_t>(), N, image);
   });
+}
+
+}  // namespace
+
+at::Tensor add_map_relu(const at::Tensor& z, const at::Tensor& map, bool apply_relu) {
+  auto out = at::empty_like(z);
+  add_map_relu_into(z, map, apply_relu, out);
   return out;
+}
+
+void add_map_relu_(at::Tensor& z, const at::Tensor& map, bool apply_relu) {
+  add_map_relu_into(z, map, apply_relu, z);
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_grad_batch_sum(const at::Tensor& g,

@@ -123,12 +123,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forw
   return {out, mean, var, k.scale, k.shift};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
+namespace {
+
+// norm_backward, with dt written over g where dt_over_g (g is then the caller's own buffer).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_impl(
     const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
     const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
     bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sums_g,
-    const c10::optional<at::Tensor>& sums_gt) {
+    const c10::optional<at::Tensor>& sums_gt, bool dt_over_g) {
   const char* op = "bnorder_cpu::norm_backward";
   TORCH_CHECK(t.dim() >= 2, op, ": expected a tensor with a channel dimension, got ", t.dim(),
               "-D input");
@@ -164,10 +167,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
       }
     }
   });
-  at::Tensor dt = input_grad
-      ? backward_apply(g, t, k.mean, k.scale, k.shift, k.scale, k2, k3, relu_mode)
-      : t.new_empty({0});
+  at::Tensor dt = t.new_empty({0});
+  if (input_grad && dt_over_g) {
+    dt = g;
+    backward_apply_into(g, t, k.mean, k.scale, k.shift, k.scale, k2, k3, relu_mode, dt);
+  } else if (input_grad) {
+    dt = backward_apply(g, t, k.mean, k.scale, k.shift, k.scale, k2, k3, relu_mode);
+  }
   return {dt, dgamma, sum_g};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
+    const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
+    const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
+    bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sums_g,
+    const c10::optional<at::Tensor>& sums_gt) {
+  return norm_backward_impl(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats,
+                            input_grad, sums_g, sums_gt, /*dt_over_g=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_over_g(
+    at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
+    const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
+    bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sums_g,
+    const c10::optional<at::Tensor>& sums_gt) {
+  return norm_backward_impl(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats,
+                            input_grad, sums_g, sums_gt, /*dt_over_g=*/true);
 }
 
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,

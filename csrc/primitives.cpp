@@ -51,6 +51,14 @@ void check_like(const at::Tensor& g, const at::Tensor& t, const Geometry& geo, c
               " do not match the input's memory format (strides ", t.strides(), ")");
 }
 
+// An element-wise pass may write over an input it reads element for element, not over
+// another part of it.
+bool same_or_apart(const at::Tensor& out, const at::Tensor& in) {
+  return !out.is_alias_of(in) ||
+         (out.data_ptr() == in.data_ptr() && out.sizes() == in.sizes() &&
+          out.strides() == in.strides());
+}
+
 at::ScalarType acc_type_of(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -522,6 +530,9 @@ void apply_kernel(const scalar_t* x, scalar_t* y, const Geometry& geo, const acc
       });
 }
 
+// dx may be g itself (backward_apply_into): every element is read before it is written and
+// no other element is, so the passes carry no __restrict__ on g and dx; `omp simd` is what
+// vectorizes them.
 template <typename scalar_t, typename acc_t, int Mode>
 void backward_apply_kernel(const scalar_t* g, const scalar_t* x, scalar_t* dx,
                            const Geometry& geo, const acc_t* mean, const acc_t* scale,
@@ -533,8 +544,8 @@ void backward_apply_kernel(const scalar_t* g, const scalar_t* x, scalar_t* dx,
       [&](int64_t c, int64_t off, int64_t n) {
         const acc_t s = scale[c], b = shift[c], m = mean[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
         map_run<scalar_t, acc_t, 2>(n, {g + off, x + off}, dx + off,
-            [&](int64_t, int64_t len, const auto& in, acc_t* __restrict__ dp) {
-              const acc_t *__restrict__ gp = in[0], *__restrict__ xp = in[1];
+            [&](int64_t, int64_t len, const auto& in, acc_t* dp) {
+              const acc_t *gp = in[0], *xp = in[1];
 #pragma omp simd
               for (int64_t i = 0; i < len; ++i)
                 dp[i] = input_grad<Mode, acc_t>(gp[i], xp[i], s, b, m, a1, a2, a3);
@@ -542,8 +553,8 @@ void backward_apply_kernel(const scalar_t* g, const scalar_t* x, scalar_t* dx,
       },
       [&](int64_t off) {
         map_run<scalar_t, acc_t, 2>(C, {g + off, x + off}, dx + off,
-            [&](int64_t c0, int64_t len, const auto& in, acc_t* __restrict__ dp) {
-              const acc_t *__restrict__ gp = in[0], *__restrict__ xp = in[1];
+            [&](int64_t c0, int64_t len, const auto& in, acc_t* dp) {
+              const acc_t *gp = in[0], *xp = in[1];
               const acc_t *__restrict__ sp = scale + c0, *__restrict__ bp = shift + c0,
                           *__restrict__ mp = mean + c0;
               const acc_t *__restrict__ p1 = k1 + c0, *__restrict__ p2 = k2 + c0,
@@ -776,19 +787,21 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& g, const at
   return {sum_g, sum_gt};
 }
 
-at::Tensor backward_apply(const at::Tensor& g, const at::Tensor& t, const at::Tensor& mean,
-                          const at::Tensor& scale, const at::Tensor& shift,
-                          const at::Tensor& k1, const at::Tensor& k2, const at::Tensor& k3,
-                          int64_t relu_mode) {
+void backward_apply_into(const at::Tensor& g, const at::Tensor& t, const at::Tensor& mean,
+                         const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& k1,
+                         const at::Tensor& k2, const at::Tensor& k3, int64_t relu_mode,
+                         at::Tensor& dx) {
   const char* op = "bnorder_cpu::backward_apply";
   const Geometry geo = geometry_of(t, op);
   check_like(g, t, geo, op);
+  check_like(dx, t, geo, op);
   check_relu_mode(relu_mode, op);
   const std::pair<const at::Tensor*, const char*> vectors[] = {
       {&mean, "mean"}, {&scale, "scale"}, {&shift, "shift"}, {&k1, "k1"}, {&k2, "k2"}, {&k3, "k3"}};
   for (const auto& [v, name] : vectors) check_channel_vector(*v, name, t, op);
-  auto dx = at::empty_like(t);
-  if (t.numel() == 0) return dx;
+  TORCH_CHECK(same_or_apart(dx, g) && same_or_apart(dx, t), op,
+              ": the output must be g or t itself or share no memory with them");
+  if (t.numel() == 0) return;
   BNORDER_DISPATCH_TYPES(t, "bnorder_backward_apply", [&] {
     using acc_t = acc_of<scalar_t>;
     BNORDER_DISPATCH_RELU(relu_mode, [&] {
@@ -799,6 +812,16 @@ at::Tensor backward_apply(const at::Tensor& g, const at::Tensor& t, const at::Te
           k1.const_data_ptr<acc_t>(), k2.const_data_ptr<acc_t>(), k3.const_data_ptr<acc_t>());
     });
   });
+}
+
+at::Tensor backward_apply(const at::Tensor& g, const at::Tensor& t, const at::Tensor& mean,
+                          const at::Tensor& scale, const at::Tensor& shift,
+                          const at::Tensor& k1, const at::Tensor& k2, const at::Tensor& k3,
+                          int64_t relu_mode) {
+  // Shapes and dtypes are checked before the output is allocated like t.
+  geometry_of(t, "bnorder_cpu::backward_apply");
+  auto dx = at::empty_like(t);
+  backward_apply_into(g, t, mean, scale, shift, k1, k2, k3, relu_mode, dx);
   return dx;
 }
 

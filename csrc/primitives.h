@@ -41,8 +41,17 @@ at::Tensor backward_apply(const at::Tensor& g, const at::Tensor& t, const at::Te
                           const at::Tensor& k1, const at::Tensor& k2, const at::Tensor& k3,
                           int64_t relu_mode);
 
-// bn-conv-relu's passes around its folded convolution (border.cpp).
+// backward_apply writing into dx, which may be g itself: the units' C++ autograd nodes
+// (unit.cpp) overwrite a gradient they own instead of allocating and filling a new one.
+void backward_apply_into(const at::Tensor& g, const at::Tensor& t, const at::Tensor& mean,
+                         const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& k1,
+                         const at::Tensor& k2, const at::Tensor& k3, int64_t relu_mode,
+                         at::Tensor& dx);
+
+// bn-conv-relu's passes around its folded convolution (border.cpp). add_map_relu_ writes
+// over z (a convolution output the caller owns).
 at::Tensor add_map_relu(const at::Tensor& z, const at::Tensor& map, bool apply_relu);
+void add_map_relu_(at::Tensor& z, const at::Tensor& map, bool apply_relu);
 
 std::tuple<at::Tensor, at::Tensor> relu_grad_batch_sum(const at::Tensor& g, const at::Tensor& out);
 
@@ -60,6 +69,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forw
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
     const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
+    const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
+    bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sum_g,
+    const c10::optional<at::Tensor>& sum_gt);
+
+// norm_backward with dt written over g, a gradient the caller owns (unit.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_over_g(
+    at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
     const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
     bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sum_g,

@@ -184,7 +184,7 @@ struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
           weight, scale.to(weight.scalar_type()), shift.to(weight.scalar_type()),
           x.sizes().slice(2), out_hw, stride, padding, dilation, groups);
       z = at::convolution(x, scaled_weight, bias, stride, padding, dilation, false, {0, 0}, groups);
-      z = add_map_relu(z, map, relu);
+      add_map_relu_(z, map, relu);  // z is this node's own convolution output
     } else {
       z = at::convolution(bnorder::apply(x, scale, shift, RELU_NONE), weight, bias, stride, padding,
                           dilation, false, {0, 0}, groups);
@@ -233,8 +233,9 @@ struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
       sum_g = sum_dn.to(scale.scalar_type());
       sum_gt = sum_dn_centered.to(scale.scalar_type());
     }
-    const at::Tensor dn_in = dn.defined() ? dn.contiguous(format_of(x)) : x.new_empty({0});
-    auto [dx, dgamma, dbeta] = norm_backward(
+    // dn is this node's own: dx is written over it.
+    at::Tensor dn_in = dn.defined() ? dn.contiguous(format_of(x)) : x.new_empty({0});
+    auto [dx, dgamma, dbeta] = norm_backward_over_g(
         dn_in, x, mean, var, present(gamma), present(beta), args.eps, args.norm, RELU_NONE,
         /*batch_stats=*/true, need_x, sum_g, sum_gt);
     if (need_x) result[0] = dx;
