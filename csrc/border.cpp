@@ -8,7 +8,10 @@
 //                                     of g and out, one write, instead of a mask pass plus a
 //                                     reduction pass.
 //
-// Both take NCHW-contiguous or channels_last tensors, with `map` / the sum in the same layout.
+//   add_map_relu_(z, map, relu)       the same over z itself (the C++ node's own conv output)
+//   batch_sum(g)                      Σ_n g alone, where the unit has no ReLU
+//
+// All take NCHW-contiguous or channels_last tensors, with `map` / the sum in the same layout.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include "primitives.h"
@@ -60,7 +63,9 @@ void add_map_relu_kernel(const scalar_t* zp, const scalar_t* mp, scalar_t* outp,
   });
 }
 
-template <typename scalar_t>
+// Relu: g_z = g·[out > 0] written to gzp and summed; otherwise g itself summed (out and
+// gzp unused).
+template <typename scalar_t, bool Relu>
 void relu_grad_batch_sum_kernel(const scalar_t* gp, const scalar_t* outp, scalar_t* gzp,
                                 scalar_t* sp, int64_t N, int64_t image) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -80,13 +85,18 @@ void relu_grad_batch_sum_kernel(const scalar_t* gp, const scalar_t* outp, scalar
       acc_t* __restrict__ a = partial.data() + static_cast<size_t>(tid) * image + i0;
       for (int64_t n = n0; n < n1; ++n) {
         const scalar_t* __restrict__ src = gp + n * image + i0;
-        const scalar_t* __restrict__ o = outp + n * image + i0;
-        scalar_t* __restrict__ dst = gzp + n * image + i0;
+        if constexpr (Relu) {
+          const scalar_t* __restrict__ o = outp + n * image + i0;
+          scalar_t* __restrict__ dst = gzp + n * image + i0;
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const acc_t v = static_cast<acc_t>(o[i]) > acc_t(0) ? static_cast<acc_t>(src[i]) : acc_t(0);
-          dst[i] = static_cast<scalar_t>(v);
-          a[i] += v;
+          for (int64_t i = 0; i < len; ++i) {
+            const acc_t v = static_cast<acc_t>(o[i]) > acc_t(0) ? static_cast<acc_t>(src[i]) : acc_t(0);
+            dst[i] = static_cast<scalar_t>(v);
+            a[i] += v;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) a[i] += static_cast<acc_t>(src[i]);
         }
       }
     }
@@ -156,12 +166,27 @@ std::tuple<at::Tensor, at::Tensor> relu_grad_batch_sum(const at::Tensor& g,
   const int64_t N = g.size(0), image = sum.numel();
   if (g.numel() == 0) return {gz, sum.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "relu_grad_batch_sum", [&] {
-    relu_grad_batch_sum_kernel<scalar_t>(g.const_data_ptr<scalar_t>(),
+    relu_grad_batch_sum_kernel<scalar_t, true>(g.const_data_ptr<scalar_t>(),
                                          out.const_data_ptr<scalar_t>(),
                                          gz.mutable_data_ptr<scalar_t>(),
                                          sum.mutable_data_ptr<scalar_t>(), N, image);
   });
   return {gz, sum};
+}
+
+at::Tensor batch_sum(const at::Tensor& g) {
+  const char* op = "bnorder_cpu::batch_sum";
+  check_activation(g, "grad", op);
+  const auto fmt = is_channels_last(g) ? at::MemoryFormat::ChannelsLast
+                                       : at::MemoryFormat::Contiguous;
+  auto sum = at::empty({1, g.size(1), g.size(2), g.size(3)}, g.options(), fmt);
+  if (g.numel() == 0) return sum.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "batch_sum", [&] {
+    relu_grad_batch_sum_kernel<scalar_t, false>(g.const_data_ptr<scalar_t>(), nullptr, nullptr,
+                                                sum.mutable_data_ptr<scalar_t>(), g.size(0),
+                                                sum.numel());
+  });
+  return sum;
 }
 
 }  // namespace bnorder

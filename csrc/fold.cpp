@@ -54,10 +54,34 @@ std::vector<std::vector<int64_t>> outside_axis(int64_t in, int64_t out, int64_t 
   return outside;
 }
 
+// The weight's layout: (O, Cg, KH, KW) contiguous, or channels_last, where each tap holds
+// the Cg input channels side by side. Both are read as they are and the outputs come in the
+// same layout: a channels_last network's weights, scaled weights and weight gradients are
+// never converted (those copies took longer than the fold itself).
 struct FoldGeometry {
   int64_t O, Cg, KH, KW, groups, out_per_group;
-  int64_t in_channel(int64_t o, int64_t c) const { return (o / out_per_group) * Cg + c; }
+  bool channels_inner;
+  int64_t taps() const { return KH * KW; }
+  // First input channel of output channel o's group.
+  int64_t group_base(int64_t o) const { return (o / out_per_group) * Cg; }
+  // Offset of weight (o, c, tap t), tap t = kh·KW + kw.
+  int64_t offset(int64_t o, int64_t c, int64_t t) const {
+    return channels_inner ? (o * taps() + t) * Cg + c : (o * Cg + c) * taps() + t;
+  }
 };
+
+bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::MemoryFormat format_of(const at::Tensor& t) {
+  return is_channels_last(t) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// The weight in a layout the kernels read: its own if contiguous or channels_last.
+at::Tensor dense_weight(const at::Tensor& w) {
+  return (w.is_contiguous() || is_channels_last(w)) ? w : w.contiguous();
+}
 
 FoldGeometry check_fold(const at::Tensor& weight, const at::Tensor& scale,
                         const at::Tensor& shift, int64_t groups, const char* op) {
@@ -75,7 +99,87 @@ FoldGeometry check_fold(const at::Tensor& weight, const at::Tensor& scale,
                 " vectors, got ", v->sizes(), " ", v->scalar_type());
   }
   return {weight.size(0), weight.size(1), weight.size(2), weight.size(3), groups,
-          weight.size(0) / groups};
+          weight.size(0) / groups, is_channels_last(weight)};
+}
+
+// Strides of a (1, O, H, W) image, either layout.
+struct ImageStrides {
+  int64_t o, i, j;
+  explicit ImageStrides(const at::Tensor& t) : o(t.stride(1)), i(t.stride(2)), j(t.stride(3)) {}
+  int64_t at(int64_t oc, int64_t row, int64_t col) const { return oc * o + row * i + col * j; }
+};
+
+// Output channel o's scaled weights and the border taps v[t] = Σ_c W[o, c, t]·b_c.
+template <typename scalar_t>
+void scale_weights(const FoldGeometry& g, int64_t o, const scalar_t* w, const scalar_t* s,
+                   const scalar_t* b, scalar_t* ws, scalar_t* v) {
+  const scalar_t* sg = s + g.group_base(o);
+  const scalar_t* bg = b + g.group_base(o);
+  if (g.channels_inner) {  // each tap's channels are contiguous: vectorize over them
+    for (int64_t t = 0; t < g.taps(); ++t) {
+      const scalar_t* __restrict__ wp = w + g.offset(o, 0, t);
+      scalar_t* __restrict__ wsp = ws + g.offset(o, 0, t);
+      scalar_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < g.Cg; ++c) {
+        wsp[c] = wp[c] * sg[c];
+        acc += wp[c] * bg[c];
+      }
+      v[t] = acc;
+    }
+    return;
+  }
+  std::fill(v, v + g.taps(), scalar_t(0));
+  for (int64_t c = 0; c < g.Cg; ++c) {
+    const scalar_t* __restrict__ wp = w + g.offset(o, c, 0);
+    scalar_t* __restrict__ wsp = ws + g.offset(o, c, 0);
+    for (int64_t t = 0; t < g.taps(); ++t) {
+      wsp[t] = wp[t] * sg[c];
+      v[t] += wp[t] * bg[c];
+    }
+  }
+}
+
+// Output channel o's rows of dW = s_c·G + b_c·u[t], and its shares of the two input-channel
+// sums, dn[c] = Σ_t W·u and dnx[c] = Σ_t W·G (double).
+template <typename scalar_t>
+void weight_grads(const FoldGeometry& g, int64_t o, const scalar_t* w, const scalar_t* G,
+                  const scalar_t* s, const scalar_t* b, const double* u, scalar_t* dw,
+                  double* dn, double* dnx) {
+  const scalar_t* sg = s + g.group_base(o);
+  const scalar_t* bg = b + g.group_base(o);
+  if (g.channels_inner) {
+    std::fill(dn, dn + g.Cg, 0.0);
+    std::fill(dnx, dnx + g.Cg, 0.0);
+    for (int64_t t = 0; t < g.taps(); ++t) {
+      const int64_t base = g.offset(o, 0, t);
+      const scalar_t *__restrict__ wp = w + base, *__restrict__ gp = G + base;
+      scalar_t* __restrict__ dwp = dw + base;
+      const double ut = u[t];
+#pragma omp simd
+      for (int64_t c = 0; c < g.Cg; ++c) {
+        const double wt = wp[c], gt = gp[c];
+        dwp[c] = static_cast<scalar_t>(gt * static_cast<double>(sg[c]) +
+                                       static_cast<double>(bg[c]) * ut);
+        dn[c] += wt * ut;
+        dnx[c] += wt * gt;
+      }
+    }
+    return;
+  }
+  for (int64_t c = 0; c < g.Cg; ++c) {
+    const int64_t base = g.offset(o, c, 0);
+    const double sc = sg[c], bc = bg[c];
+    double a = 0, ax = 0;
+    for (int64_t t = 0; t < g.taps(); ++t) {
+      const double wt = w[base + t], gt = G[base + t];
+      dw[base + t] = static_cast<scalar_t>(gt * sc + bc * u[t]);
+      a += wt * u[t];
+      ax += wt * gt;
+    }
+    dn[c] = a;
+    dnx[c] = ax;
+  }
 }
 
 }  // namespace
@@ -87,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight_in,
                                                 at::IntArrayRef padding,
                                                 at::IntArrayRef dilation, int64_t groups) {
   const char* op = "bnorder_cpu::fold_forward";
-  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor weight = dense_weight(weight_in);
   const FoldGeometry g = check_fold(weight, scale, shift, groups, op);
   TORCH_CHECK(in_hw.size() == 2 && out_hw.size() == 2 && stride.size() == 2 &&
                   padding.size() == 2 && dilation.size() == 2,
@@ -95,32 +199,23 @@ std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight_in,
   const int64_t HO = out_hw[0], WO = out_hw[1];
   const auto in_h = inside_axis(in_hw[0], HO, g.KH, stride[0], padding[0], dilation[0]);
   const auto in_w = inside_axis(in_hw[1], WO, g.KW, stride[1], padding[1], dilation[1]);
+  // Both outputs in the weight's layout: a channels_last network convolves channels_last.
   auto scaled = at::empty_like(weight);
-  auto map = at::empty({1, g.O, HO, WO}, weight.options());
+  auto map = at::empty({1, g.O, HO, WO}, weight.options(), format_of(weight));
+  const ImageStrides ms(map);
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "bnorder_fold_forward", [&] {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     const scalar_t* s = scale.const_data_ptr<scalar_t>();
     const scalar_t* b = shift.const_data_ptr<scalar_t>();
     scalar_t* ws = scaled.mutable_data_ptr<scalar_t>();
     scalar_t* m = map.mutable_data_ptr<scalar_t>();
-    const int64_t taps = g.KH * g.KW;
     // Output channels are independent: split them over the threads (wide layers have
     // millions of weights).
     at::parallel_for(0, g.O, 16, [&](int64_t o0, int64_t o1) {
-    std::vector<scalar_t> v_buffer(taps), rows(g.KH * WO);
+    std::vector<scalar_t> v_buffer(g.taps()), rows(g.KH * WO), image(WO);
     scalar_t* __restrict__ v = v_buffer.data();
     for (int64_t o = o0; o < o1; ++o) {
-      std::fill(v, v + taps, scalar_t(0));
-      for (int64_t c = 0; c < g.Cg; ++c) {
-        const int64_t ci = g.in_channel(o, c);
-        const scalar_t sc = s[ci], bc = b[ci];
-        const scalar_t* __restrict__ wp = w + (o * g.Cg + c) * taps;
-        scalar_t* __restrict__ wsp = ws + (o * g.Cg + c) * taps;
-        for (int64_t t = 0; t < taps; ++t) {
-          wsp[t] = wp[t] * sc;
-          v[t] += wp[t] * bc;
-        }
-      }
+      scale_weights(g, o, w, s, b, ws, v);
       // Separably: rows[k, j] = Σ_l v[k, l]·in_w(j, l), then map[i, j] = Σ_k in_h(i, k)·rows[k, j].
       for (int64_t k = 0; k < g.KH; ++k)
         for (int64_t j = 0; j < WO; ++j) {
@@ -129,15 +224,14 @@ std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight_in,
             if (in_w[j * g.KW + l]) acc += v[k * g.KW + l];
           rows[k * WO + j] = acc;
         }
-      scalar_t* mo = m + o * HO * WO;
       for (int64_t i = 0; i < HO; ++i) {
-        scalar_t* mi = mo + i * WO;
-        std::fill(mi, mi + WO, scalar_t(0));
+        std::fill(image.begin(), image.end(), scalar_t(0));
         for (int64_t k = 0; k < g.KH; ++k) {
           if (!in_h[i * g.KH + k]) continue;
           const scalar_t* r = &rows[k * WO];
-          for (int64_t j = 0; j < WO; ++j) mi[j] += r[j];
+          for (int64_t j = 0; j < WO; ++j) image[j] += r[j];
         }
+        for (int64_t j = 0; j < WO; ++j) m[ms.at(o, i, j)] = image[j];
       }
     }
     });
@@ -146,29 +240,30 @@ std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight_in,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
-    const at::Tensor& weight_in, const at::Tensor& wgrad_in, const at::Tensor& grad_sum_in,
+    const at::Tensor& weight_in, const at::Tensor& wgrad_in, const at::Tensor& grad_sum,
     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
     at::IntArrayRef in_hw, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups) {
   const char* op = "bnorder_cpu::fold_backward";
-  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor weight = dense_weight(weight_in);
   const FoldGeometry g = check_fold(weight, scale, shift, groups, op);
   const int64_t C = g.Cg * groups;
   TORCH_CHECK(wgrad_in.sizes() == weight.sizes() && wgrad_in.scalar_type() == weight.scalar_type(),
               op, ": the weight gradient must match the weight, got ", wgrad_in.sizes(), " ",
               wgrad_in.scalar_type());
-  TORCH_CHECK(grad_sum_in.dim() == 4 && grad_sum_in.size(0) == 1 && grad_sum_in.size(1) == g.O &&
-                  grad_sum_in.scalar_type() == weight.scalar_type(),
-              op, ": grad_sum must be (1, ", g.O, ", H_out, W_out) ", weight.scalar_type(),
-              ", got ", grad_sum_in.sizes(), " ", grad_sum_in.scalar_type());
+  TORCH_CHECK(grad_sum.dim() == 4 && grad_sum.size(0) == 1 && grad_sum.size(1) == g.O &&
+                  grad_sum.scalar_type() == weight.scalar_type() && grad_sum.device().is_cpu(),
+              op, ": grad_sum must be a (1, ", g.O, ", H_out, W_out) ", weight.scalar_type(),
+              " CPU tensor, got ", grad_sum.sizes(), " ", grad_sum.scalar_type());
   TORCH_CHECK(mean.dim() == 1 && mean.size(0) == C && mean.scalar_type() == weight.scalar_type() &&
                   mean.is_contiguous(),
               op, ": mean must be a contiguous (", C, ",) vector");
   TORCH_CHECK(in_hw.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
                   dilation.size() == 2,
               op, ": in_hw, stride, padding and dilation must be pairs");
-  const at::Tensor wgrad = wgrad_in.contiguous();
-  const at::Tensor grad_sum = grad_sum_in.contiguous();
+  // The weight gradient is read in the weight's layout; grad_sum through its strides.
+  const at::Tensor wgrad = wgrad_in.contiguous(format_of(weight));
+  const ImageStrides gst(grad_sum);
   const int64_t HO = grad_sum.size(2), WO = grad_sum.size(3);
   const auto outside_h = outside_axis(in_hw[0], HO, g.KH, stride[0], padding[0], dilation[0]);
   const auto outside_w = outside_axis(in_hw[1], WO, g.KW, stride[1], padding[1], dilation[1]);
@@ -180,51 +275,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
                    *gs = grad_sum.const_data_ptr<scalar_t>(), *s = scale.const_data_ptr<scalar_t>(),
                    *b = shift.const_data_ptr<scalar_t>(), *mu = mean.const_data_ptr<scalar_t>();
     scalar_t* dw = dweight.mutable_data_ptr<scalar_t>();
-    const int64_t taps = g.KH * g.KW;
-    std::vector<double> u(g.O * taps), shares(2 * g.O * g.Cg);
+    const int64_t taps = g.taps();
+    // shares[o][0 | 1][c]: output channel o's part of the two sums of its input channel c.
+    std::vector<double> shares(2 * g.O * g.Cg);
     // Per output channel (independent, split over the threads): its taps u and its rows of dW.
     at::parallel_for(0, g.O, 16, [&](int64_t o0, int64_t o1) {
-      std::vector<double> cols(HO * g.KW);
+      std::vector<double> cols(HO * g.KW), u(taps);
       for (int64_t o = o0; o < o1; ++o) {
         // cols[i, l] = Σ_j g[i, j]·in_w(j, l), then u[k, l] = Σ_i in_h(i, k)·cols[i, l]:
         // each as the full row (column) sum minus the few pixels whose tap falls in the
         // padding, so that the image is read once rather than once per tap.
-        const scalar_t* go = gs + o * HO * WO;
         for (int64_t i = 0; i < HO; ++i) {
-          const scalar_t* row = go + i * WO;
           double total = 0;
-          for (int64_t j = 0; j < WO; ++j) total += static_cast<double>(row[j]);
+          for (int64_t j = 0; j < WO; ++j) total += static_cast<double>(gs[gst.at(o, i, j)]);
           for (int64_t l = 0; l < g.KW; ++l) {
             double acc = total;
-            for (const int64_t j : outside_w[l]) acc -= static_cast<double>(row[j]);
+            for (const int64_t j : outside_w[l]) acc -= static_cast<double>(gs[gst.at(o, i, j)]);
             cols[i * g.KW + l] = acc;
           }
         }
-        double* uo = &u[o * taps];
         for (int64_t l = 0; l < g.KW; ++l) {
           double total = 0;
           for (int64_t i = 0; i < HO; ++i) total += cols[i * g.KW + l];
           for (int64_t k = 0; k < g.KH; ++k) {
             double acc = total;
             for (const int64_t i : outside_h[k]) acc -= cols[i * g.KW + l];
-            uo[k * g.KW + l] = acc;
+            u[k * g.KW + l] = acc;
           }
         }
-        // dW, and each (o, c)'s share of the two sums while its weights are at hand.
-        for (int64_t c = 0; c < g.Cg; ++c) {
-          const int64_t ci = g.in_channel(o, c);
-          const int64_t base = (o * g.Cg + c) * taps;
-          const double sc = s[ci], bc = b[ci];
-          double dn = 0, dnx = 0;
-          for (int64_t t = 0; t < taps; ++t) {
-            const double wt = w[base + t], gt = G[base + t];
-            dw[base + t] = static_cast<scalar_t>(gt * sc + bc * uo[t]);
-            dn += wt * uo[t];
-            dnx += wt * gt;
-          }
-          shares[2 * (o * g.Cg + c)] = dn;
-          shares[2 * (o * g.Cg + c) + 1] = dnx;
-        }
+        double* share = &shares[2 * o * g.Cg];
+        weight_grads(g, o, w, G, s, b, u.data(), dw, share, share + g.Cg);
       }
     });
     // Per input channel: the shares summed over the output channels of its group.
@@ -234,8 +314,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
       const int64_t group = ci / g.Cg, c = ci % g.Cg;
       double dn = 0, dnx = 0;
       for (int64_t o = group * g.out_per_group; o < (group + 1) * g.out_per_group; ++o) {
-        dn += shares[2 * (o * g.Cg + c)];
-        dnx += shares[2 * (o * g.Cg + c) + 1];
+        dn += shares[2 * o * g.Cg + c];
+        dnx += shares[2 * o * g.Cg + g.Cg + c];
       }
       sd[ci] = static_cast<scalar_t>(dn);
       sdc[ci] = static_cast<scalar_t>(dnx - static_cast<double>(mu[ci]) * dn);

@@ -54,6 +54,8 @@ at::Tensor add_map_relu(const at::Tensor& z, const at::Tensor& map, bool apply_r
 void add_map_relu_(at::Tensor& z, const at::Tensor& map, bool apply_relu);
 
 std::tuple<at::Tensor, at::Tensor> relu_grad_batch_sum(const at::Tensor& g, const at::Tensor& out);
+// Σ_n g, (1, C, H, W) in g's layout: relu_grad_batch_sum's sum where there is no ReLU.
+at::Tensor batch_sum(const at::Tensor& g);
 
 // The norm around the primitives, one call per direction (norm.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coefficients(

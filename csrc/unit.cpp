@@ -156,15 +156,6 @@ struct ConvNormTrain : public torch::autograd::Function<ConvNormTrain> {
   }
 };
 
-// Σ over the batch, (1, C, H, W) in t's layout, as one pass over contiguous memory.
-at::Tensor batch_sum(const at::Tensor& t) {
-  if (format_of(t) == at::MemoryFormat::ChannelsLast) {
-    const auto n = t.size(0), c = t.size(1), h = t.size(2), w = t.size(3);
-    return t.permute({0, 2, 3, 1}).reshape({n, -1}).sum(0).view({1, h, w, c}).permute({0, 3, 1, 2});
-  }
-  return t.reshape({t.size(0), -1}).sum(0).view({1, t.size(1), t.size(2), t.size(3)});
-}
-
 struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias,
@@ -224,7 +215,10 @@ struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
         ctx, g, conv_input, weight, {need_x || !sums_from_weights, need_w, need_b});
     c10::optional<at::Tensor> sum_g, sum_gt;
     if (sums_from_weights) {
-      if (!g_batch_sum.defined()) g_batch_sum = batch_sum(g);
+      if (!g_batch_sum.defined()) {  // no ReLU: the incoming gradient, any strides
+        const bool dense = g.is_contiguous() || g.is_contiguous(at::MemoryFormat::ChannelsLast);
+        g_batch_sum = batch_sum(dense ? g : g.contiguous(format_of(x)));
+      }
       const auto wdtype = weight.scalar_type();
       auto [dw, sum_dn, sum_dn_centered] = fold_backward(
           weight, dweight, g_batch_sum, scale.to(wdtype), shift.to(wdtype), mean.to(wdtype),

@@ -326,21 +326,37 @@ def test_border_map_and_weight_side_sums_equal_the_convolutions(geometry):
     torch.testing.assert_close(sum_dn_x, (dn * x).sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
 
     # The C++ backend's fold_forward / fold_backward (csrc/fold.cpp) against the same steps
-    # composed from the torch helpers above.
+    # composed from the torch helpers above, for weights, weight gradients and batch sums in
+    # either layout (the C++ code reads channels_last weights as they are and returns its
+    # weights and map in the weight's layout).
     if fused.backend() == "cpp":
         from fused import _cpp
         scale, mean = torch.rand(cin, dtype=torch.float64) + 0.5, torch.randn(cin, dtype=torch.float64)
-        for name, a, b in zip(
-                ("scaled weight", "border map", "dweight", "sum_dn", "sum_dn_centered"),
-                (*_cpp.fold_forward(weight, scale, shift, (h, w), expected.shape[2:], stride,
-                                    padding, dilation, groups),
-                 *_cpp.fold_backward(weight.detach(), wgrad, g.sum(0, keepdim=True), scale,
-                                     shift, mean, (h, w), stride, padding, dilation, groups)),
-                (*_conv.fold_forward(weight, scale, shift, (h, w), expected.shape[2:], stride,
-                                     padding, dilation, groups),
-                 *_conv.fold_backward(weight.detach(), wgrad, g.sum(0, keepdim=True), scale,
-                                      shift, mean, (h, w), stride, padding, dilation, groups))):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        grad_sum = g.sum(0, keepdim=True)
+        expected = (*_conv.fold_forward(weight, scale, shift, (h, w), expected.shape[2:], stride,
+                                        padding, dilation, groups),
+                    *_conv.fold_backward(weight.detach(), wgrad, grad_sum, scale, shift, mean,
+                                         (h, w), stride, padding, dilation, groups))
+        cl = torch.channels_last
+        for w_fmt, g_fmt, sum_fmt in [(torch.contiguous_format,) * 3, (cl, cl, cl),
+                                      (cl, torch.contiguous_format, torch.contiguous_format),
+                                      (torch.contiguous_format, cl, cl)]:
+            w_in = weight.detach().contiguous(memory_format=w_fmt)
+            actual = (*_cpp.fold_forward(w_in, scale, shift, (h, w), expected[1].shape[2:],
+                                         stride, padding, dilation, groups),
+                      *_cpp.fold_backward(w_in, wgrad.contiguous(memory_format=g_fmt),
+                                          grad_sum.contiguous(memory_format=sum_fmt), scale,
+                                          shift, mean, (h, w), stride, padding, dilation,
+                                          groups))
+            for name, a, b in zip(("scaled weight", "border map", "dweight", "sum_dn",
+                                   "sum_dn_centered"), actual, expected):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12,
+                                           msg=lambda m: f"{name} ({w_fmt}, {g_fmt}): {m}")
+            # (A 1x1 channels_last weight is also contiguous, and counts as such.)
+            layout = torch.contiguous_format if w_in.is_contiguous() else w_fmt
+            for name, t in zip(("scaled weight", "border map", "dweight"), actual[:3]):
+                assert t.is_contiguous(memory_format=layout), (
+                    f"{name} is not in the weight's layout {layout}: strides {t.stride()}")
 
 
 @pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
@@ -748,26 +764,32 @@ def test_cpp_autograd_node_takes_training_calls_only(order):
 
 
 @pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
 @pytest.mark.parametrize("offset", [0.0, 1e4], ids=["folded", "explicit-norm"])
-def test_cpp_autograd_node_bn_conv_relu(offset):
+def test_cpp_autograd_node_bn_conv_relu(offset, relu, channels_last):
     """bn-conv-relu training with batch statistics runs as one C++ autograd node, folded or
-    (at mean 1e4, where the fold is not exact) with the norm applied explicitly, and equals
-    the Python op in float64: output and all five gradients."""
+    (at mean 1e4, where the fold is not exact) with the norm applied explicitly, with and
+    without the ReLU, in either layout, and equals the Python op in float64: output and all
+    five gradients. Without the ReLU the incoming gradient is a broadcast (non-dense) one, as
+    from a sum."""
     torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     unit = fused.make_unit("bn-conv-relu", 3, 5, 3, stride=2, padding=1, backend="fused",
-                           bias=True).double().train()
-    x = (torch.randn(4, 3, 7, 7, dtype=torch.float64) + offset).requires_grad_()
+                           bias=True, relu=relu).double().train().to(memory_format=fmt)
+    x = (torch.randn(4, 3, 7, 7, dtype=torch.float64) + offset).contiguous(
+        memory_format=fmt).requires_grad_()
     out = unit(x)
     assert "NormConvTrain" in out.grad_fn.name()
     assert "NormConvTrain" not in unit.eval()(x).grad_fn.name()
-    g = torch.randn_like(out)
+    g = torch.randn_like(out) if relu else torch.randn(1, *out.shape[1:]).double().expand_as(out)
     conv, norm = unit.conv, unit.norm
     params = [x, conv.weight, conv.bias, norm.weight, norm.bias]
     grads_node = torch.autograd.grad(out, params, g)
     bcr = importlib.import_module("fused.bn_conv_relu")
     out_py = bcr._norm_conv_forward_call(x, conv.weight, conv.bias, [2, 2], [1, 1], [1, 1], 1,
                                          norm.weight, norm.bias, None, None, norm.eps, "bn",
-                                         True, -1)[0]
+                                         relu, -1)[0]
     assert "NormConvTrain" not in out_py.grad_fn.name()
     tol = 1e-12 * (1 + offset)
     torch.testing.assert_close(out, out_py, rtol=0, atol=tol)
