@@ -125,13 +125,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forw
 
 namespace {
 
-// norm_backward, with dt written over g where dt_over_g (g is then the caller's own buffer).
+// norm_backward, with dt written into `into` where it is defined (g or t itself, buffers the
+// caller owns), else into a new tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_impl(
     const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
     const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
     bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sums_g,
-    const c10::optional<at::Tensor>& sums_gt, bool dt_over_g) {
+    const c10::optional<at::Tensor>& sums_gt, const at::Tensor& into) {
   const char* op = "bnorder_cpu::norm_backward";
   TORCH_CHECK(t.dim() >= 2, op, ": expected a tensor with a channel dimension, got ", t.dim(),
               "-D input");
@@ -168,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_impl(
     }
   });
   at::Tensor dt = t.new_empty({0});
-  if (input_grad && dt_over_g) {
-    dt = g;
+  if (input_grad && into.defined()) {
+    dt = into;
     backward_apply_into(g, t, k.mean, k.scale, k.shift, k.scale, k2, k3, relu_mode, dt);
   } else if (input_grad) {
     dt = backward_apply(g, t, k.mean, k.scale, k.shift, k.scale, k2, k3, relu_mode);
@@ -186,17 +187,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
     bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sums_g,
     const c10::optional<at::Tensor>& sums_gt) {
   return norm_backward_impl(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats,
-                            input_grad, sums_g, sums_gt, /*dt_over_g=*/false);
+                            input_grad, sums_g, sums_gt, /*into=*/at::Tensor());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_over_g(
-    at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_into(
+    const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
     const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
     bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sums_g,
-    const c10::optional<at::Tensor>& sums_gt) {
+    const c10::optional<at::Tensor>& sums_gt, const at::Tensor& into) {
   return norm_backward_impl(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats,
-                            input_grad, sums_g, sums_gt, /*dt_over_g=*/true);
+                            input_grad, sums_g, sums_gt, into);
 }
 
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,

@@ -76,13 +76,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
     bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sum_g,
     const c10::optional<at::Tensor>& sum_gt);
 
-// norm_backward with dt written over g, a gradient the caller owns (unit.cpp).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_over_g(
-    at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
+// norm_backward with dt written into `into`: g or t itself, a buffer the caller owns and no
+// longer needs (unit.cpp), or undefined for a new tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_into(
+    const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
     const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
     bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sum_g,
-    const c10::optional<at::Tensor>& sum_gt);
+    const c10::optional<at::Tensor>& sum_gt, const at::Tensor& into);
 
 // bn-conv-relu's weight-side algebra around its folded convolution (fold.cpp).
 std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight, const at::Tensor& scale,

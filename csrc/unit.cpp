@@ -21,6 +21,7 @@
 #include "primitives.h"
 
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 
 namespace bnorder {
 namespace {
@@ -143,10 +144,14 @@ struct ConvNormTrain : public torch::autograd::Function<ConvNormTrain> {
     const UnitArgs args = UnitArgs::load(ctx);
     // The primitives read g in y's layout.
     g = g.contiguous(format_of(y));
-    auto [dy, dgamma, dbeta] = norm_backward(
+    // y, the convolution output this node saved, is read for the last time here: unless the
+    // graph is kept for another backward, dy is written over it rather than into a new
+    // activation-sized tensor (g is the caller's and may be shared, e.g. by a residual sum).
+    const bool y_is_last_use = !torch::autograd::get_current_graph_task_keep_graph();
+    auto [dy, dgamma, dbeta] = norm_backward_into(
         g, y, mean, var, present(gamma), present(beta), args.eps, args.norm,
         ctx->saved_data["relu_mode"].toInt(), /*batch_stats=*/true, /*input_grad=*/true,
-        c10::nullopt, c10::nullopt);
+        c10::nullopt, c10::nullopt, /*into=*/y_is_last_use ? y : at::Tensor());
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       needs(ctx, "bias_edge")};
     if (mask[0] || mask[1] || mask[2])
@@ -229,9 +234,9 @@ struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
     }
     // dn is this node's own: dx is written over it.
     at::Tensor dn_in = dn.defined() ? dn.contiguous(format_of(x)) : x.new_empty({0});
-    auto [dx, dgamma, dbeta] = norm_backward_over_g(
+    auto [dx, dgamma, dbeta] = norm_backward_into(
         dn_in, x, mean, var, present(gamma), present(beta), args.eps, args.norm, RELU_NONE,
-        /*batch_stats=*/true, need_x, sum_g, sum_gt);
+        /*batch_stats=*/true, need_x, sum_g, sum_gt, /*into=*/dn_in);
     if (need_x) result[0] = dx;
     if (need_w) result[1] = dweight;
     if (need_b) result[2] = dbias;

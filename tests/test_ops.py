@@ -764,6 +764,28 @@ def test_cpp_autograd_node_takes_training_calls_only(order):
 
 
 @pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
+@pytest.mark.parametrize("order", ORDERS)
+def test_cpp_autograd_nodes_keep_saved_tensors_for_retain_graph(order):
+    """The C++ nodes write gradients over activations they saved when the graph is freed
+    after their backward. With retain_graph=True they must not: a second and a third
+    backward through the same graph give bit-identical gradients (the last one frees the
+    graph and may write in place)."""
+    torch.manual_seed(0)
+    unit = fused.make_unit(order, 3, 5, 3, padding=1, backend="fused", bias=True).train()
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    out = unit(x)
+    assert "Train" in out.grad_fn.name()  # ConvNormTrain or NormConvTrain
+    g = torch.randn_like(out)
+    params = [x, *unit.parameters()]
+    first = torch.autograd.grad(out, params, g, retain_graph=True)
+    second = torch.autograd.grad(out, params, g, retain_graph=True)
+    last = torch.autograd.grad(out, params, g)
+    for a, b, c in zip(first, second, last):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(fused.backend() != "cpp", reason="C++ extension not loaded")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
 @pytest.mark.parametrize("offset", [0.0, 1e4], ids=["folded", "explicit-norm"])
