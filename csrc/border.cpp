@@ -22,10 +22,6 @@
 namespace bnorder {
 namespace {
 
-bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 void check_activation(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", t.dim(), "-D");
@@ -108,10 +104,6 @@ void relu_grad_batch_sum_kernel(const scalar_t* gp, const scalar_t* outp, scalar
   }
 }
 
-}  // namespace
-
-namespace {
-
 // relu(z + map) into out, which is z itself or a tensor like it.
 void add_map_relu_into(const at::Tensor& z, const at::Tensor& map, bool apply_relu,
                        at::Tensor& out) {
@@ -123,9 +115,7 @@ void add_map_relu_into(const at::Tensor& z, const at::Tensor& map, bool apply_re
               z.size(3), "), got ", map.sizes());
   TORCH_CHECK(map.scalar_type() == z.scalar_type(), op, ": map dtype ", map.scalar_type(),
               " differs from z dtype ", z.scalar_type());
-  const bool rows = is_channels_last(z);
-  const at::Tensor m = map.contiguous(rows ? at::MemoryFormat::ChannelsLast
-                                           : at::MemoryFormat::Contiguous);
+  const at::Tensor m = map.contiguous(format_of(z));
   const int64_t N = z.size(0), image = z.numel() / std::max<int64_t>(N, 1);
   if (z.numel() == 0) return;
   // In both layouts one image is `image` contiguous values, and map is one such image.
@@ -159,8 +149,7 @@ std::tuple<at::Tensor, at::Tensor> relu_grad_batch_sum(const at::Tensor& g,
               out.scalar_type(), " vs ", g.sizes(), " ", g.scalar_type());
   TORCH_CHECK(is_channels_last(out) == is_channels_last(g), op,
               ": out and grad must share a memory format");
-  const auto fmt = is_channels_last(g) ? at::MemoryFormat::ChannelsLast
-                                       : at::MemoryFormat::Contiguous;
+  const auto fmt = format_of(g);
   auto gz = at::empty_like(g);
   auto sum = at::empty({1, g.size(1), g.size(2), g.size(3)}, g.options(), fmt);
   const int64_t N = g.size(0), image = sum.numel();
@@ -177,8 +166,7 @@ std::tuple<at::Tensor, at::Tensor> relu_grad_batch_sum(const at::Tensor& g,
 at::Tensor batch_sum(const at::Tensor& g) {
   const char* op = "bnorder_cpu::batch_sum";
   check_activation(g, "grad", op);
-  const auto fmt = is_channels_last(g) ? at::MemoryFormat::ChannelsLast
-                                       : at::MemoryFormat::Contiguous;
+  const auto fmt = format_of(g);
   auto sum = at::empty({1, g.size(1), g.size(2), g.size(3)}, g.options(), fmt);
   if (g.numel() == 0) return sum.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "batch_sum", [&] {

@@ -70,14 +70,6 @@ struct FoldGeometry {
   }
 };
 
-bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-at::MemoryFormat format_of(const at::Tensor& t) {
-  return is_channels_last(t) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
 // The weight in a layout the kernels read: its own if contiguous or channels_last.
 at::Tensor dense_weight(const at::Tensor& w) {
   return (w.is_contiguous() || is_channels_last(w)) ? w : w.contiguous();

@@ -123,11 +123,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forw
   return {out, mean, var, k.scale, k.shift};
 }
 
-namespace {
-
-// norm_backward, with dt written into `into` where it is defined (g or t itself, buffers the
-// caller owns), else into a new tensor.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_impl(
+// dt is written into `into` where it is defined (g or t itself, buffers the caller owns),
+// else into a new tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_into(
     const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
     const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
@@ -178,26 +176,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_impl(
   return {dt, dgamma, sum_g};
 }
 
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
     const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
     const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
     bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sums_g,
     const c10::optional<at::Tensor>& sums_gt) {
-  return norm_backward_impl(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats,
+  return norm_backward_into(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats,
                             input_grad, sums_g, sums_gt, /*into=*/at::Tensor());
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_into(
-    const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
-    const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
-    const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
-    bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sums_g,
-    const c10::optional<at::Tensor>& sums_gt, const at::Tensor& into) {
-  return norm_backward_impl(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats,
-                            input_grad, sums_g, sums_gt, into);
 }
 
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,

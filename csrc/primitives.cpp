@@ -818,9 +818,7 @@ at::Tensor backward_apply(const at::Tensor& g, const at::Tensor& t, const at::Te
                           const at::Tensor& scale, const at::Tensor& shift,
                           const at::Tensor& k1, const at::Tensor& k2, const at::Tensor& k3,
                           int64_t relu_mode) {
-  // Shapes and dtypes are checked before the output is allocated like t.
-  geometry_of(t, "bnorder_cpu::backward_apply");
-  auto dx = at::empty_like(t);
+  auto dx = at::empty_like(t);  // backward_apply_into checks t, g and dx
   backward_apply_into(g, t, mean, scale, shift, k1, k2, k3, relu_mode, dx);
   return dx;
 }

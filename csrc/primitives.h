@@ -25,6 +25,16 @@ namespace bnorder {
 
 constexpr int64_t RELU_NONE = 0, RELU_AFTER = 1, RELU_BEFORE = 2;
 
+// channels_last and not also contiguous (a tensor with C == 1 or H·W == 1 can be both; it
+// counts as contiguous).
+inline bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline at::MemoryFormat format_of(const at::Tensor& t) {
+  return is_channels_last(t) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 // exact: float64 results whatever the activation dtype.
 std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& t, int64_t relu_mode, bool exact = false);
 

@@ -61,12 +61,6 @@ std::vector<int64_t> conv_output_hw(const at::Tensor& x, const at::Tensor& weigh
   return hw;
 }
 
-at::MemoryFormat format_of(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
-}
-
 // What both nodes keep besides tensors: the convolution's geometry, eps, the norm, and which
 // of the optional tensor inputs are present (save_edges).
 struct UnitArgs {
@@ -221,7 +215,7 @@ struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
     c10::optional<at::Tensor> sum_g, sum_gt;
     if (sums_from_weights) {
       if (!g_batch_sum.defined()) {  // no ReLU: the incoming gradient, any strides
-        const bool dense = g.is_contiguous() || g.is_contiguous(at::MemoryFormat::ChannelsLast);
+        const bool dense = g.is_contiguous() || is_channels_last(g);
         g_batch_sum = batch_sum(dense ? g : g.contiguous(format_of(x)));
       }
       const auto wdtype = weight.scalar_type();
