@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bnorder-setup
 
-.PHONY: setup test test-all clean data run bench
+.PHONY: setup test test-all clean data run bench profile
 
 setup: $(STAMP) data
 
@@ -44,6 +44,12 @@ bench: setup
 	  $(PY) -m pytest benchmarks/ --benchmark-only -p no:cacheprovider --benchmark-json=$(BENCH_OUT).json $(BENCH_ARGS)
 	$(PY) -m benchmarks.report $(BENCH_OUT).json -o $(BENCH_OUT).md
 	@echo "wrote $(BENCH_OUT).json and $(BENCH_OUT).md"
+
+# Where the ResNet-20 step goes (≈ 2.5 min): every provider's time in ATen's convolutions vs
+# the rest, and the step each target of the bench suite allows.
+profile: setup
+	mkdir -p benchmarks/results
+	$(PY) -m benchmarks.profile_step --json $(BENCH_OUT)-profile-resnet20.json $(PROFILE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info fused/_C*.so

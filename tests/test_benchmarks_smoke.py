@@ -99,3 +99,71 @@ def test_units_rejects_bad_arguments():
             assert exit.code == 2, argv
         else:
             raise AssertionError(f"{argv} was accepted")
+
+
+def test_profile_step_counts_every_convolution_flop():
+    """Forward, input gradient and weight gradient: three convolutions' worth of FLOPs."""
+    import torch
+    from benchmarks import profile_step
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    forward = 2 * 2 * 6 * 5 * 5 * 4 * 3 * 3
+    assert profile_step.conv_flops(lambda: conv(x).sum().backward()) == 3 * forward
+    with torch.no_grad():
+        assert profile_step.conv_flops(lambda: conv(x)) == forward
+
+
+def test_profile_step_times_the_convolutions_inside_fused_nodes():
+    """The fused units call ATen's convolution from C++: the profile must still see it, once
+    per call (not again for the calls nested inside it), and see none in a step without one."""
+    import time
+    import torch
+    import fused
+    from benchmarks import profile_step
+    for order in fused.ORDERS:
+        unit = fused.make_unit(order, 8, 8, 3, 1, 1, norm="bn", backend="fused").train()
+        x = torch.randn(16, 8, 24, 24, requires_grad=True)
+
+        def step():
+            unit(x).sum().backward()
+        step()
+        start = time.perf_counter()
+        conv = profile_step.conv_seconds(step)
+        wall = time.perf_counter() - start
+        assert 0 < conv < wall, order
+    linear = torch.nn.Linear(64, 64)
+    assert profile_step.conv_seconds(lambda: linear(torch.randn(8, 64)).sum().backward()) == 0
+
+
+def test_profile_step_row_and_targets():
+    from benchmarks import profile_step
+    row = profile_step.profile("resnet20", "conv-relu-bn", "nchw", rounds=1, batch=2,
+                               providers=("none", "eager", "fused"), profiled_rounds=1)
+    assert set(row["providers"]) == {"none", "eager", "fused"}
+    assert row["conv_gflop"] > 0
+    for p in row["providers"].values():
+        assert 0 < p["conv_ms"] < p["step_ms"]
+    assert set(row["targets"]) == {"eager"}   # no compile provider, no compile target
+    t = row["targets"]["eager"]
+    eager, none, fused_ = (row["providers"][p]["step_ms"] for p in ("eager", "none", "fused"))
+    assert abs(t["allowed_ms"] - eager / 1.2) < 1e-9
+    assert abs(t["bn_budget_ms"] - (eager / 1.2 - none)) < 1e-9
+    assert t["reached"] == (fused_ <= eager / 1.2)
+    try:
+        profile_step.profile("resnet20", "conv-relu-bn", "nchw", 1, 2, providers=("eager",))
+    except ValueError as error:
+        assert "none" in str(error)
+    else:
+        raise AssertionError("a profile without the none network was accepted")
+
+
+def test_profile_step_rejects_bad_arguments():
+    from benchmarks import profile_step
+    for argv in (["--orders", "bn-relu-conv"], ["--formats", "nhcw"], ["--rounds", "0"],
+                 ["--batch", "-1"]):
+        try:
+            profile_step.main(argv)
+        except SystemExit as exit:
+            assert exit.code == 2, argv
+        else:
+            raise AssertionError(f"{argv} was accepted")
