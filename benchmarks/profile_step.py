@@ -163,7 +163,7 @@ def show(rows: List[Dict], rate: float) -> None:
 
     console = Console()
     if not console.is_terminal:
-        console = Console(width=120)
+        console = Console(width=140)
     network = rows[0]["network"]
     table = Table(title=f"{network} training step: ATen convolutions vs the rest "
                         f"(torch.mm rate {rate / 1e9:.0f} GFLOP/s)")
