@@ -180,6 +180,9 @@ def show(rows: List[Dict], rate: float) -> None:
                           f"{100 * p['conv_gflops'] * 1e9 / rate:.0f} %")
         table.add_section()
     console.print(table)
+    if any(p["conv_share"] > 1 for row in rows for p in row["providers"].values()):
+        console.print("conv ms above step ms: the two are medians of separate steps, and "
+                      "this machine is noisy; raise --rounds or --batch")
     targets = Table(title="step targets: the step each allows, against the network without BN "
                           "and fused's convolutions alone")
     for col in ("order", "format", "target", "allowed ms", "none step ms", "BN budget ms",
