@@ -36,15 +36,32 @@ from ._blocks import Units
 
 
 class ShortcutA(nn.Module):
-    """Option A: x[:, :, ::stride, ::stride] with zero channels added around it."""
+    """Option A: x[:, :, ::stride, ::stride] with zero channels added around it.
+
+    The subsampling is avg_pool2d with a 1×1 kernel (the same values, exactly) rather than
+    a strided slice: a slice's backward scatters into a new NCHW-contiguous tensor whatever
+    the input's layout, which would turn the gradient of a channels_last network NCHW at
+    every downsampling block; the pool's backward keeps the input's layout."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         self.stride, self.extra = stride, out_channels - in_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x[:, :, ::self.stride, ::self.stride]
+        x = F.avg_pool2d(x, 1, self.stride)
         return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+class GlobalAvgPool(nn.Module):
+    """N×C×H×W → N×C, the mean over each map. Not nn.AdaptiveAvgPool2d(1): on CPU its
+    backward returns the gradient NCHW-contiguous for a channels_last input (the N×C×1×1
+    gradient it starts from is both layouts at once), and every residual addition, ReLU and
+    norm upstream then ran on mixed layouts: strided loops and layout copies in each block,
+    +25 ms and more per ResNet-20 step in eager. avg_pool2d over the whole map gives the
+    input's layout back."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.avg_pool2d(x, x.shape[-2:]).flatten(1)
 
 
 class Block(nn.Module):
@@ -103,14 +120,14 @@ class ResNet(nn.Module):
                 channels = block.out_channels
             setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
             self.layers.append(f"layer{i + 1}")
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stem(x)
         for name in self.layers:
             x = getattr(self, name)(x)
-        return self.fc(self.pool(x).flatten(1))
+        return self.fc(self.pool(x))
 
 
 def resnet20(units: Units, *, in_channels: int, num_classes: int) -> ResNet:

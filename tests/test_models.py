@@ -169,6 +169,46 @@ def test_option_a_shortcut():
     assert not y[:, :8].any() and not y[:, 24:].any()
 
 
+def layout(t):
+    """'nchw', 'nhwc', or 'both' (a size-1 dimension makes a tensor both)."""
+    nchw, nhwc = t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
+    return "both" if nchw and nhwc else "nchw" if nchw else "nhwc" if nhwc else "strided"
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("name, options", [("resnet20", {}), ("resnet18", {"stem": "cifar"})])
+def test_channels_last_gradients_stay_channels_last(name, options, order, backend):
+    """In a channels_last ResNet every activation's gradient arrives channels_last. The
+    global pool and the option-A shortcut used to hand back NCHW gradients, and every
+    residual sum, ReLU and norm upstream then ran on mixed layouts (slow strided loops and
+    layout copies in both backends). The CIFAR stem keeps ResNet-18's last maps 4×4: at 1×1
+    both layouts are one."""
+    torch.manual_seed(0)
+    model = models.build(name, order, "bn", backend, **options)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
+    mismatched, seen = [], []
+
+    def watch(module, inputs, out):
+        if not (isinstance(out, torch.Tensor) and out.requires_grad and out.dim() == 4):
+            return
+        kind, out_layout = type(module).__name__, layout(out)
+
+        def check(grad):
+            seen.append(kind)
+            if "both" not in (out_layout, layout(grad)) and layout(grad) != out_layout:
+                mismatched.append((kind, out_layout, layout(grad)))
+
+        out.register_hook(check)
+
+    for module in model.modules():
+        module.register_forward_hook(watch)
+    F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+    assert len(seen) > 10, seen
+    assert not mismatched, mismatched
+
+
 # ---------------------------------------------------------------------------------------
 # counts
 
