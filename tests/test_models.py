@@ -167,6 +167,11 @@ def test_option_a_shortcut():
     assert y.shape == (2, 32, 4, 4)
     assert torch.equal(y[:, 8:24], x[:, :, ::2, ::2])
     assert not y[:, :8].any() and not y[:, 24:].any()
+    for layout_ in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 4, 6, 6, dtype=torch.float64).contiguous(memory_format=layout_)
+        assert torch.autograd.gradcheck(models.resnet.ShortcutA(4, 8, 2), (x.requires_grad_(),))
+    with pytest.raises(ValueError, match="adds channels"):
+        models.resnet.ShortcutA(32, 16, 2)
 
 
 def layout(t):
