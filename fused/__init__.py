@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, _ext
+from ._conv import memory_format_of
 from .bn_conv_relu import bn_conv_relu
 from .conv_bn_relu import conv_bn_relu
 from .conv_relu_bn import conv_relu_bn
@@ -40,4 +41,4 @@ def extension_error() -> str | None:
 
 __all__ = ["conv_bn_relu", "conv_relu_bn", "bn_conv_relu", "ConvBNReLU2d", "ConvReLUBN2d",
            "BNConvReLU2d", "FusedUnit", "Unit", "Affine2d", "make_unit", "make_norm",
-           "norm_name", "backend", "extension_error", "ORDERS", "NORMS"]
+           "norm_name", "backend", "extension_error", "memory_format_of", "ORDERS", "NORMS"]

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import fused
+
 from ._blocks import Units
 
 
@@ -53,9 +55,7 @@ class _OptionA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, stride: int, out_channels: int) -> Tensor:
-        channels_last = (x.is_contiguous(memory_format=torch.channels_last)
-                         and not x.is_contiguous())
-        ctx.layout = torch.channels_last if channels_last else torch.contiguous_format
+        ctx.layout = fused.memory_format_of(x)
         ctx.in_shape, ctx.stride, ctx.low = x.shape, stride, (out_channels - x.shape[1]) // 2
         sub = x[:, :, ::stride, ::stride]
         y = _zeros((x.shape[0], out_channels) + sub.shape[2:], x, ctx.layout)
@@ -86,9 +86,9 @@ class GlobalAvgPool(nn.Module):
     """N×C×H×W → N×C, the mean over each map. Not nn.AdaptiveAvgPool2d(1): on CPU its
     backward returns the gradient NCHW-contiguous for a channels_last input (the N×C×1×1
     gradient it starts from is both layouts at once), and every residual addition, ReLU and
-    norm upstream then ran on mixed layouts: strided loops and layout copies in each block,
-    +25 ms and more per ResNet-20 step in eager. avg_pool2d over the whole map gives the
-    input's layout back."""
+    norm upstream then ran on mixed layouts: strided loops and layout copies in each block
+    (with the option-A shortcut's same fault, up to 33 of 200 ms per channels_last ResNet-20
+    step). avg_pool2d over the whole map gives the input's layout back."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.avg_pool2d(x, x.shape[-2:]).flatten(1)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks import common, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,16 +91,18 @@ def test_units_medians_over_processes(tmp_path, monkeypatch):
                                   ("--processes", "--json")) == ["--rounds", "3", "-v"]
 
 
+def assert_rejected(main, argvs):
+    """Each argv makes the command-line entry point exit with argparse's usage code 2."""
+    for argv in argvs:
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert exit.value.code == 2, argv
+
+
 def test_units_rejects_bad_arguments():
     from benchmarks import units
-    for argv in (["--shapes", "9"], ["--shapes", "x"], ["--batch", "0"],
-                 ["--processes", "0"]):
-        try:
-            units.main(argv)
-        except SystemExit as exit:
-            assert exit.code == 2, argv
-        else:
-            raise AssertionError(f"{argv} was accepted")
+    assert_rejected(units.main, (["--shapes", "9"], ["--shapes", "x"], ["--batch", "0"],
+                                 ["--processes", "0"]))
 
 
 def test_profile_step_counts_every_convolution_flop():
@@ -159,11 +163,5 @@ def test_profile_step_row_and_targets():
 
 def test_profile_step_rejects_bad_arguments():
     from benchmarks import profile_step
-    for argv in (["--orders", "bn-relu-conv"], ["--formats", "nhcw"], ["--rounds", "0"],
-                 ["--batch", "-1"]):
-        try:
-            profile_step.main(argv)
-        except SystemExit as exit:
-            assert exit.code == 2, argv
-        else:
-            raise AssertionError(f"{argv} was accepted")
+    assert_rejected(profile_step.main, (["--orders", "bn-relu-conv"], ["--formats", "nhcw"],
+                                        ["--rounds", "0"], ["--batch", "-1"]))
