@@ -6,6 +6,9 @@ Providers: `eager` (plain torch modules), `fused` (this package), `compile` (tor
 the eager module, static shapes, compiled afresh per case), and for the units `conv+relu`,
 the eager unit with an empty norm slot: the floor a fused unit can reach on CPU, where the
 convolution stays in ATen.
+
+Every builder takes the `device` its modules and tensors live on ("cpu" or "cuda"; the suites
+pass `--device`). On CUDA the fused provider runs the Triton backend.
 """
 from __future__ import annotations
 
@@ -101,11 +104,12 @@ def main_shapes(name: str, coverage: float = 0.9) -> List[UnitShape]:
 # ---------------------------------------------------------------------------- steps
 
 def build_unit(order: str, cin: int, cout: int, norm: str, backend: str, fmt,
-               kernel: int = 3, stride: int = 1, padding: int = 1) -> nn.Module:
+               kernel: int = 3, stride: int = 1, padding: int = 1,
+               device: str = "cpu") -> nn.Module:
     torch.manual_seed(0)
     unit = fused.make_unit(order, cin, cout, kernel, stride, padding, norm=norm,
                            backend=backend)
-    return unit.train().to(memory_format=fmt)
+    return unit.train().to(device=device, memory_format=fmt)
 
 
 def make_step(module: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], object]:
@@ -135,16 +139,19 @@ def compiled(module: nn.Module) -> nn.Module:
 
 
 def unit_steps(shape: UnitShape, order: str, norm: str, provider: str, fmt_name: str,
-               modes, batch: int = BATCH) -> Tuple[Dict[str, Callable], float | None]:
+               modes, batch: int = BATCH, device: str = "cpu",
+               sync: Callable[[], None] = lambda: None
+               ) -> Tuple[Dict[str, Callable], float | None]:
     """{mode: step} of one provider on one input, and the compile time in seconds (the
-    first call of every mode, made here) for `compile`."""
+    first call of every mode, made here, then `sync`: the device's synchronize) for
+    `compile`."""
     fmt = FORMATS[fmt_name]
     torch.manual_seed(1)
-    x = torch.randn(batch, shape.cin, shape.size, shape.size)
+    x = torch.randn(batch, shape.cin, shape.size, shape.size, device=device)
     x = x.contiguous(memory_format=fmt).requires_grad_()
     backend = "fused" if provider == "fused" else "eager"
     module = build_unit(order, shape.cin, shape.cout, "none" if provider == FLOOR else norm,
-                        backend, fmt, shape.kernel, shape.stride, shape.padding)
+                        backend, fmt, shape.kernel, shape.stride, shape.padding, device)
     compile_s = None
     if provider == "compile":
         module = compiled(module)
@@ -153,34 +160,37 @@ def unit_steps(shape: UnitShape, order: str, norm: str, provider: str, fmt_name:
         start = time.perf_counter()
         for step in steps.values():
             step()
+        sync()
         compile_s = time.perf_counter() - start
     return steps, compile_s
 
 
-def build_network(name: str, order: str, norm: str, backend: str, fmt_name: str = "nchw"
-                  ) -> nn.Module:
+def build_network(name: str, order: str, norm: str, backend: str, fmt_name: str = "nchw",
+                  device: str = "cpu") -> nn.Module:
     torch.manual_seed(0)
     model = models.build(name, order, norm, backend).train()
-    return model.to(memory_format=FORMATS[fmt_name])
+    return model.to(device=device, memory_format=FORMATS[fmt_name])
 
 
-def network_batch(name: str, batch: int = BATCH, fmt_name: str = "nchw"):
+def network_batch(name: str, batch: int = BATCH, fmt_name: str = "nchw", device: str = "cpu"):
     torch.manual_seed(1)
     size = models.input_size(name)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=FORMATS[fmt_name])
-    return x, torch.randint(0, 10, (batch,))
+    return x.to(device), torch.randint(0, 10, (batch,)).to(device)
 
 
 def network_step(name: str, order: str, norm: str, provider: str, batch: int = BATCH,
-                 fmt_name: str = "nchw") -> Tuple[Callable[[], None], float | None]:
+                 fmt_name: str = "nchw", device: str = "cpu",
+                 sync: Callable[[], None] = lambda: None
+                 ) -> Tuple[Callable[[], None], float | None]:
     """One SGD training step (forward, cross-entropy, backward, momentum SGD) and, for
-    `compile`, the compile time (the first step, made here). The learning rate is tiny so
-    that repeated steps on one batch neither diverge nor hit denormals."""
+    `compile`, the compile time (the first step, made here, then `sync`). The learning rate
+    is tiny so that repeated steps on one batch neither diverge nor hit denormals."""
     model = build_network(name, order, norm, "fused" if provider == "fused" else "eager",
-                          fmt_name)
+                          fmt_name, device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     forward = compiled(model) if provider == "compile" else model
-    x, target = network_batch(name, batch, fmt_name)
+    x, target = network_batch(name, batch, fmt_name, device)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -191,6 +201,7 @@ def network_step(name: str, order: str, norm: str, provider: str, batch: int = B
     if provider == "compile":
         start = time.perf_counter()
         step()
+        sync()
         compile_s = time.perf_counter() - start
     return step, compile_s
 
@@ -339,24 +350,24 @@ def _memory(module: nn.Module, forward: Callable[[], object], step: Callable[[],
 
 
 def unit_memory(shape: UnitShape, order: str, norm: str, provider: str, batch: int = BATCH,
-                fmt_name: str = "nchw", peak: bool = True) -> Dict:
+                fmt_name: str = "nchw", peak: bool = True, device: str = "cpu") -> Dict:
     """Saved-for-backward bytes of the unit's training forward (parameters and buffers left
     out, the input counted) and peak live bytes of forward + backward."""
     fmt = FORMATS[fmt_name]
     module = build_unit(order, shape.cin, shape.cout, norm, provider, fmt, shape.kernel,
-                        shape.stride, shape.padding)
+                        shape.stride, shape.padding, device)
     torch.manual_seed(1)
-    x = torch.randn(batch, shape.cin, shape.size, shape.size)
+    x = torch.randn(batch, shape.cin, shape.size, shape.size, device=device)
     x = x.contiguous(memory_format=fmt).requires_grad_()
     return _memory(module, lambda: module(x), make_step(module, x, "fwdbwd"), peak)
 
 
 def network_memory(name: str, order: str, norm: str, provider: str, batch: int = BATCH,
-                   peak: bool = True) -> Dict:
+                   peak: bool = True, device: str = "cpu") -> Dict:
     """Saved bytes of the network's forward and loss, peak live bytes of a training step."""
-    model = build_network(name, order, norm, provider)
+    model = build_network(name, order, norm, provider, device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    x, target = network_batch(name, batch)
+    x, target = network_batch(name, batch, device=device)
 
     def forward():
         return F.cross_entropy(model(x), target)

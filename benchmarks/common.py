@@ -6,16 +6,19 @@
   are missing, because glibc reads them only at start-up.
 * Providers are interleaved round by round, so drift of a noisy machine cancels; warm-up is
   excluded; medians are reported, and ratios between providers of the same run.
+* Every sample is taken by a `fused.timing` timer: a wall clock on CPU, CUDA events with a
+  synchronization on GPU (`--device cuda`), so that queued kernels are counted.
 """
 from __future__ import annotations
 
 import os
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 import torch
+
+from fused.timing import CpuTimer, Timer
 
 ALLOCATOR_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(1 << 34),
@@ -37,20 +40,19 @@ def ensure_allocator_env(module: str) -> None:
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 7, inner: int = 3,
-                     warmup: int = 2, progress: Callable[[int], None] | None = None
-                     ) -> Dict[str, List[float]]:
+                     warmup: int = 2, progress: Callable[[int], None] | None = None,
+                     timer: Timer | None = None) -> Dict[str, List[float]]:
     """Seconds per call of each fn: `rounds` samples, each the mean of `inner` calls, with
-    the providers taking turns inside every round."""
+    the providers taking turns inside every round; `timer` takes the samples (default: the
+    CPU wall clock)."""
+    timer = timer or CpuTimer()
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for r in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples[name].append((time.perf_counter() - start) / inner)
+            samples[name].append(timer.seconds(fn, inner))
         if progress:
             progress(r + 1)
     return samples
@@ -60,28 +62,30 @@ def median(xs: List[float]) -> float:
     return statistics.median(xs)
 
 
-_copy_bandwidth: float | None = None
+_copy_bandwidth: Dict[str, float] = {}
 
 
-def copy_bandwidth(nbytes: int = 256 << 20) -> float:
-    """The machine's copy bandwidth in bytes/s (read + write counted), measured once per
-    process with torch's own copy on a tensor far larger than the caches."""
-    global _copy_bandwidth
-    if _copy_bandwidth is None:
-        src = torch.ones(nbytes // 4)
+def copy_bandwidth(nbytes: int = 256 << 20, device: str = "cpu",
+                   timer: Timer | None = None) -> float:
+    """The device's copy bandwidth in bytes/s (read + write counted), measured once per
+    process and device with torch's own copy on a tensor far larger than the caches."""
+    if device not in _copy_bandwidth:
+        timer = timer or CpuTimer()
+        src = torch.ones(nbytes // 4, device=device)
         dst = torch.empty_like(src)
         dst.copy_(src)
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            dst.copy_(src)
-            times.append(time.perf_counter() - start)
-        _copy_bandwidth = 2 * nbytes / min(times)
-    return _copy_bandwidth
+        best = min(timer.seconds(lambda: dst.copy_(src)) for _ in range(5))
+        _copy_bandwidth[device] = 2 * nbytes / best
+    return _copy_bandwidth[device]
 
 
-def cache_bytes() -> int:
-    """Largest cache level of this CPU (bytes), 0 when unknown."""
+def cache_bytes(device: str = "cpu", properties: Callable[[str], object] | None = None
+                ) -> int:
+    """Largest cache level of the device (bytes; a GPU's L2), 0 when unknown.
+    `properties` defaults to torch.cuda.get_device_properties."""
+    if torch.device(device).type == "cuda":
+        props = (properties or torch.cuda.get_device_properties)(device)
+        return int(getattr(props, "L2_cache_size", 0))
     best = 0
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:

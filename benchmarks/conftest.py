@@ -4,6 +4,10 @@
     test_networks.py  training steps of alexnet, vgg16, resnet20, every order, plus norm none
     test_memory.py    saved-for-backward and peak bytes, eager vs fused
 
+Device: `--device cuda` puts every module and tensor on the GPU and times with CUDA events
+(fused.timing.CudaEventTimer); on a machine where CUDA cannot run it stops before collecting,
+naming what is missing. Default `cpu`.
+
 Allocator: glibc reads its malloc settings at start-up only, so a run without
 common.ALLOCATOR_ENV re-executes itself with them (or, when pytest was started from inside
 another program, stops and says how to run). How providers are interleaved:
@@ -19,6 +23,7 @@ import torch
 
 from benchmarks import common
 from benchmarks.harness import Interleaved
+from fused import timing
 
 RERUN_FLAG = "BNORDER_BENCH_REEXEC"
 
@@ -31,9 +36,16 @@ def pytest_addoption(parser):
                     help="every norm at every unit shape and both memory formats (slow)")
     group.addoption("--bench-rounds", type=int, default=None,
                     help="interleaved rounds per case (default 5, --quick 2)")
+    group.addoption("--device", choices=timing.DEVICES, default="cpu",
+                    help="where modules and tensors live and how samples are timed: cpu "
+                         "(wall clock, default) or cuda (CUDA events, synchronized)")
 
 
 def pytest_configure(config):
+    try:
+        timing.require_device(config.getoption("--device"))
+    except timing.DeviceUnavailable as e:
+        raise pytest.UsageError(f"--device: {e}") from None
     if common.allocator_env_active():
         return
     started_here = tuple(config.invocation_params.args) == tuple(sys.argv[1:])
@@ -63,7 +75,8 @@ def _interleaved(config) -> Interleaved:
     if not hasattr(config, "_bnorder_interleaved"):
         rounds = config.getoption("--bench-rounds") or (2 if config.getoption("--quick")
                                                         else 5)
-        config._bnorder_interleaved = Interleaved(rounds)
+        config._bnorder_interleaved = Interleaved(
+            rounds, timing.timer_for(config.getoption("--device")))
     return config._bnorder_interleaved
 
 
@@ -73,15 +86,32 @@ def interleaved(pytestconfig) -> Interleaved:
 
 
 @pytest.fixture(scope="session")
-def machine() -> dict:
-    """Measured once per session: copy bandwidth, largest cache, threads."""
-    return dict(copy_bandwidth=common.copy_bandwidth(), cache_bytes=common.cache_bytes(),
-                threads=torch.get_num_threads())
+def device(pytestconfig) -> str:
+    """The --device every case builds its modules and tensors on."""
+    return pytestconfig.getoption("--device")
+
+
+def machine_of(device: str, timer: timing.Timer) -> dict:
+    """Copy bandwidth (measured with the suite's timer), largest cache, threads, device."""
+    info = dict(copy_bandwidth=common.copy_bandwidth(device=device, timer=timer),
+                cache_bytes=common.cache_bytes(device), threads=torch.get_num_threads(),
+                device=device)
+    if device == "cuda":
+        info["device_name"] = torch.cuda.get_device_name()
+    return info
+
+
+@pytest.fixture(scope="session")
+def machine(pytestconfig, device) -> dict:
+    """Measured once per session."""
+    return machine_of(device, _interleaved(pytestconfig).timer)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
+    device = config.getoption("--device")
+    info = machine_of(device, _interleaved(config).timer)
     machine_info["bnorder"] = dict(
-        copy_bandwidth_gbps=common.copy_bandwidth() / 1e9, cache_bytes=common.cache_bytes(),
-        threads=torch.get_num_threads(), torch=torch.__version__,
-        allocator_env=common.ALLOCATOR_ENV, quick=config.getoption("--quick"),
-        load_avg=list(os.getloadavg()))
+        copy_bandwidth_gbps=info["copy_bandwidth"] / 1e9, cache_bytes=info["cache_bytes"],
+        threads=info["threads"], device=device, device_name=info.get("device_name"),
+        torch=torch.__version__, allocator_env=common.ALLOCATOR_ENV,
+        quick=config.getoption("--quick"), load_avg=list(os.getloadavg()))

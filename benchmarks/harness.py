@@ -9,6 +9,10 @@ each test then hands its own variant's samples to pytest-benchmark. Medians and 
 to eager in extra_info therefore come from one interleaved run. Tests of a case are
 collected next to each other, so only one case's modules are alive at a time.
 
+Device: `--device cuda` hands the case a CUDA-event timer (fused.timing) that synchronizes
+before each sample and waits for the end event, so that the samples count the kernels and
+not their launches; calibration uses the same timer.
+
 pytest-benchmark's own calibration options (--benchmark-min-rounds, ...) do not apply to
 these tests; --bench-rounds sets the rounds.
 """
@@ -16,12 +20,12 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Tuple
 
 from benchmarks import common
+from fused.timing import CpuTimer, Timer
 
 # Each sample is the mean of enough calls to last about this long (timer noise, OS ticks).
 SAMPLE_SECONDS = 0.05
@@ -44,6 +48,7 @@ class Timing:
 class Interleaved:
     """One interleaved measurement per case key, shared by the tests of its variants."""
     rounds: int
+    timer: Timer = field(default_factory=CpuTimer)
     wanted: Dict[tuple, set] = field(default_factory=lambda: defaultdict(set))
     _key: tuple | None = None
     _timings: Dict[str, Timing] = field(default_factory=dict)
@@ -58,8 +63,9 @@ class Interleaved:
             variants = self.wanted[key] | set(required)
             fns, compile_s = build(variants)
             load0 = os.getloadavg()[0]
-            inner = calibrate(fns)
-            samples = common.time_interleaved(fns, rounds=self.rounds, inner=inner, warmup=1)
+            inner = calibrate(fns, self.timer)
+            samples = common.time_interleaved(fns, rounds=self.rounds, inner=inner, warmup=1,
+                                              timer=self.timer)
             load = (load0, os.getloadavg()[0])
             self._timings = {v: Timing(s, inner, compile_s.get(v), load)
                              for v, s in samples.items()}
@@ -67,14 +73,11 @@ class Interleaved:
         return self._timings
 
 
-def calibrate(fns: Dict[str, Callable]) -> int:
+def calibrate(fns: Dict[str, Callable], timer: Timer | None = None) -> int:
     """Calls per sample: one warm-up call of every fn, timed; enough calls of the median fn
     to fill SAMPLE_SECONDS."""
-    times = []
-    for fn in fns.values():
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    timer = timer or CpuTimer()
+    times = [timer.seconds(fn) for fn in fns.values()]
     typical = sorted(times)[len(times) // 2]
     return max(1, min(MAX_INNER, math.ceil(SAMPLE_SECONDS / max(typical, 1e-9))))
 
@@ -104,6 +107,7 @@ def timing_info(timing: Timing, eager: Timing, moved: int, working_set: int,
         fits_in_cache=working_set <= machine["cache_bytes"],
         ratio_to_eager=med / eager.median, speedup_vs_eager=eager.median / med,
         threads=machine["threads"], load_avg=list(timing.load),
+        device=machine.get("device", "cpu"),
     )
     if timing.compile_s is not None:
         info["compile_s"] = timing.compile_s

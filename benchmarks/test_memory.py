@@ -27,6 +27,7 @@ class MemoryCase:
     norm: str
     provider: str
     batch: int
+    device: str = "cpu"
 
     @property
     def id(self) -> str:
@@ -35,16 +36,18 @@ class MemoryCase:
 
 def pytest_generate_tests(metafunc):
     quick, wide = metafunc.config.getoption("--quick"), metafunc.config.getoption("--wide")
+    device = metafunc.config.getoption("--device")
     all_cases = []
     configs = cases.unit_configs(quick, wide)
     if quick:   # every order: the saved bytes are what tells the orders apart
         configs = [(s, o, n, f) for s, _, n, f in configs for o in fused.ORDERS]
     for shape, order, norm, fmt in configs:
         if fmt == "nchw":
-            all_cases += [MemoryCase(shape.label, shape, order, norm, p, cases.BATCH)
+            all_cases += [MemoryCase(shape.label, shape, order, norm, p, cases.BATCH, device)
                           for p in BACKENDS]
     for net, order, batch, _fmt in cases.network_configs(quick, formats=("nchw",)):
-        all_cases += [MemoryCase(net, None, order, "bn", p, batch) for p in BACKENDS]
+        all_cases += [MemoryCase(net, None, order, "bn", p, batch, device)
+                      for p in BACKENDS]
     metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 
 
@@ -52,12 +55,14 @@ def pytest_generate_tests(metafunc):
 def _measure(case: MemoryCase) -> dict:
     if case.shape is None:
         return cases.network_memory(case.what, case.order, case.norm, case.provider,
-                                    case.batch)
-    return cases.unit_memory(case.shape, case.order, case.norm, case.provider, case.batch)
+                                    case.batch, device=case.device)
+    return cases.unit_memory(case.shape, case.order, case.norm, case.provider, case.batch,
+                             device=case.device)
 
 
 def test_memory(benchmark, case):
-    eager_case = MemoryCase(case.what, case.shape, case.order, case.norm, "eager", case.batch)
+    eager_case = MemoryCase(case.what, case.shape, case.order, case.norm, "eager", case.batch,
+                            case.device)
     eager = _measure(eager_case)
     benchmark.group = f"memory {case.what} {case.order} {case.norm}"
     mine = benchmark.pedantic(_measure.__wrapped__, args=(case,), rounds=1, iterations=1)
@@ -65,7 +70,7 @@ def test_memory(benchmark, case):
         suite="memory", kind="network" if case.shape is None else "unit",
         network=case.what if case.shape is None else case.shape.net, shape=case.what,
         order=case.order, norm=case.norm, provider=case.provider, batch=case.batch,
-        memory_format="nchw", saved_bytes=mine["saved_bytes"],
+        memory_format="nchw", device=case.device, saved_bytes=mine["saved_bytes"],
         saved_tensors=[list(t) for t in mine["saved_tensors"]],
         peak_bytes=mine["peak_bytes"],
         saved_ratio_to_eager=mine["saved_bytes"] / eager["saved_bytes"],

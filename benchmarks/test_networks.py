@@ -55,7 +55,7 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 
 
-def _build(case: NetworkCase):
+def _build(case: NetworkCase, device: str, sync):
     def build(variants):
         fns, compile_s = {}, {}
         for norm, provider in [*(("none", p) for p in NONE),
@@ -65,15 +65,17 @@ def _build(case: NetworkCase):
             if variant not in variants:
                 continue
             fns[variant], seconds = cases.network_step(case.network, case.order, norm,
-                                                       provider, case.batch, case.fmt)
+                                                       provider, case.batch, case.fmt,
+                                                       device, sync)
             if seconds is not None:
                 compile_s[variant] = seconds
         return fns, compile_s
     return build
 
 
-def test_network_step(benchmark, case, interleaved, machine):
-    timings = interleaved.measure(case.key, ["eager", "none"], _build(case))
+def test_network_step(benchmark, case, interleaved, machine, device):
+    timings = interleaved.measure(case.key, ["eager", "none"],
+                                  _build(case, device, interleaved.timer.synchronize))
     timing = timings[case.variant]
     moved, working_set = cases.network_bytes(case.network, case.order, case.norm,
                                              case.provider, case.batch)

@@ -49,7 +49,7 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 
 
-def _build(case: UnitCase):
+def _build(case: UnitCase, device: str, sync):
     def build(variants):
         fns, compile_s = {}, {}
         for provider in (FLOOR, *cases.PROVIDERS):
@@ -57,7 +57,7 @@ def _build(case: UnitCase):
             if not modes:
                 continue
             steps, seconds = cases.unit_steps(case.shape, case.order, case.norm, provider,
-                                              case.fmt, modes)
+                                              case.fmt, modes, device=device, sync=sync)
             for mode, step in steps.items():
                 fns[f"{provider}/{mode}"] = step
                 if seconds is not None:
@@ -66,10 +66,11 @@ def _build(case: UnitCase):
     return build
 
 
-def test_unit(benchmark, case, interleaved, machine):
+def test_unit(benchmark, case, interleaved, machine, device):
     modes = {v.split("/")[1] for v in interleaved.wanted[case.key]} | {case.mode}
     required = [f"{p}/{m}" for m in modes for p in ("eager", FLOOR)]
-    timings = interleaved.measure(case.key, required, _build(case))
+    timings = interleaved.measure(case.key, required,
+                                  _build(case, device, interleaved.timer.synchronize))
     timing = timings[case.variant]
     extra = dict(suite="unit", network=case.shape.net, shape=case.shape.label,
                  order=case.order, norm=case.norm, mode=case.mode, provider=case.provider,
