@@ -63,7 +63,9 @@ def _rows(start, stop, BLOCK: tl.constexpr, A, B):
 def _mma(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     if DOT_F32:
         return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    # out_dtype: triton 3.7 defaults it to float32 and rejects a float64 accumulator
+    # that differs from it; 3.8 infers it from acc. Passing it serves both.
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
