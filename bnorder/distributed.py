@@ -30,6 +30,8 @@ import torch.distributed as dist
 
 import fused
 
+from .common import TrainError, atomic_write_json
+
 
 @dataclass
 class Context:
@@ -115,11 +117,9 @@ class Context:
             {"world_size": 1, "sync_bn": False} if resume and (Path(out) / "config.json").exists()
             else None)
         if saved is not None and saved != mine:
-            from .train import TrainError
             raise TrainError(f"{out} was started with {saved}, this launch is {mine}; "
                              f"resume with the same torchrun size and --sync-bn")
         if saved is None and self.active:
-            from .train import atomic_write_json
             Path(out).mkdir(parents=True, exist_ok=True)
             atomic_write_json(path, mine)
 

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from .train import read_jsonl
+from .common import StudyError, atomic_write_bytes, read_jsonl
 
 TARGET_FRACTION = 0.9   # time-to-accuracy target: this fraction of the best final mean accuracy
 
@@ -447,8 +447,6 @@ def _to_html(sections: List[tuple], title: str) -> str:
 def write_report(out: Path, spec: Dict, runs: List[Dict], run_dir: Callable) -> Dict:
     import matplotlib
     matplotlib.use("Agg")
-    from .study import StudyError
-    from .train import atomic_write_bytes
     out = Path(out)
     loaded = _load_runs(runs, run_dir, out)
     if not loaded:

@@ -13,7 +13,6 @@ are the same network, so `none` is trained once per network, in the conv-bn-relu
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -25,11 +24,8 @@ import torch
 import fused
 
 from . import data as data_mod
-from .train import TrainConfig, atomic_write_json, is_done, train
-
-
-class StudyError(RuntimeError):
-    pass
+from .common import StudyError, atomic_write_json, run_dir  # noqa: F401
+from .train import TrainConfig, is_done, train
 
 
 ORDERS = list(fused.ORDERS)
@@ -94,10 +90,6 @@ def label(order: str, norm: str) -> str:
     return order if norm == "bn" else f"{order} ({norm})"
 
 
-def slug(text: str) -> str:
-    return text.replace(" ", "_").replace("(", "").replace(")", "")
-
-
 def grid(spec: Dict) -> List[Dict]:
     """Every run of the study: dicts with model, order, norm, label, backend, seed, config."""
     def seeds_for(backend):
@@ -128,15 +120,6 @@ def grid(spec: Dict) -> List[Dict]:
                                  label=label(order, norm), backend=backend, seed=seed,
                                  config=config))
     return runs
-
-
-def run_dir(out: Path, run: Dict) -> Path:
-    """OUT/runs/<model>/<label>/<backend>/seed<k>-<hash of the training configuration>: a
-    study rerun with other hyper-parameters into the same folder trains new runs beside the
-    old ones instead of resuming runs of another configuration."""
-    key = hashlib.sha1(json.dumps(run["config"].to_json(), sort_keys=True).encode())
-    return Path(out) / "runs" / run["model"] / slug(run["label"]) / run["backend"] / \
-        f"seed{run['seed']}-{key.hexdigest()[:8]}"
 
 
 def resolve(args) -> Dict:

@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import random
 import statistics
 import time
@@ -40,19 +39,13 @@ import models
 
 from . import data as data_mod
 from . import distributed
+from .common import (CheckpointError, TrainError, atomic_write_bytes,  # noqa: F401
+                     atomic_write_json, read_jsonl, write_jsonl)
 
 WALL_CLOCK_FIELDS = ("wall_s", "epoch_s", "train_s", "eval_s", "images_per_s", "step_s_median")
 SCHEDULES = ("cosine", "step")
 CKPT_FORMAT = 1
 KEEP_CHECKPOINTS = 2
-
-
-class TrainError(RuntimeError):
-    """A run cannot start or resume; the message says why and what to do."""
-
-
-class CheckpointError(TrainError):
-    pass
 
 
 @dataclass
@@ -136,50 +129,6 @@ def set_rng_state(state: Dict, generator: torch.Generator) -> None:
     generator.set_state(state["data"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, rename over `path`, fsync the
-    folder: readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def write_jsonl(path: Path, rows: List[Dict]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
-
-
-def read_jsonl(path: Path) -> List[Dict]:
-    """Rows of a JSON-lines file; a partial last line (a writer killed mid-line) is ignored."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
 
 
 def checkpoint_paths(out: Path) -> List[Path]:

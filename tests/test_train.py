@@ -13,7 +13,7 @@ import torch
 
 import models
 
-from bnorder import cli, data, train
+from bnorder import cli, common, data, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,7 +133,7 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
     def crash(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(train.os, "replace", crash)
+    monkeypatch.setattr(common.os, "replace", crash)
     with pytest.raises(OSError):
         train.save_checkpoint(tmp_path, dict(state, epoch=2))
     monkeypatch.undo()
