@@ -43,6 +43,14 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _width(text: str) -> float:
+    import models
+    try:
+        return models.check_width(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _csv(choices=None, kind=str):
     def parse(text: str):
         items = [kind(t.strip()) for t in text.split(",") if t.strip()]
@@ -78,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--order", choices=fused.ORDERS, default=d.order)
     t.add_argument("--norm", choices=fused.NORMS, default=d.norm)
     t.add_argument("--fused", action="store_true", help="use the fused units (default eager)")
+    t.add_argument("--width", type=_width, default=1.0,
+                   help="channel multiplier of every conv and hidden fc (default 1.0)")
     t.add_argument("--epochs", type=_positive_int, default=d.epochs)
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
     t.add_argument("--lr", type=_positive_float, default=d.lr)
@@ -128,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="self-check of the fused kernels (fused.check)")
     c.add_argument("args", nargs=argparse.REMAINDER, help="arguments for fused.check")
 
-    sub.add_parser("models", help="parameters and MACs per image of every network")
+    m = sub.add_parser("models", help="parameters and MACs per image of every network")
+    m.add_argument("--width", type=_width, default=1.0,
+                   help="channel multiplier of every conv and hidden fc (default 1.0)")
     return parser
 
 
@@ -139,7 +151,8 @@ def _train(args) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
         data=args.data or "fashion-mnist", data_dir=args.data_dir, subset=args.subset,
-        test_subset=args.test_subset, compile=args.compile, channels_last=args.channels_last)
+        test_subset=args.test_subset, compile=args.compile, channels_last=args.channels_last,
+        model_options={"width": args.width})
     from . import distributed
     if args.sync_bn and not args.ddp:
         raise train.TrainError("--sync-bn needs --ddp (and torchrun)")
@@ -168,9 +181,11 @@ def _check(args) -> int:
     return check.main(args.args) or 0
 
 
-def _models(_args) -> int:
+def _models(args) -> int:
     import models
-    print(models.format_table(models.summary_rows()))
+    if args.width != 1.0:
+        print(f"width {args.width:g}: every conv and hidden fc width × {args.width:g}")
+    print(models.format_table(models.summary_rows(width=args.width)))
     return 0
 
 

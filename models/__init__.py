@@ -12,7 +12,10 @@ choice, True for cnn/alexnet/vgg16, False for the ResNets), `input_norm` (bn-con
 False empties the norm slot of the first unit, which would see the raw image), and the unit
 options `momentum`, `eps`, `track_running_stats`. Network options: cnn/alexnet/vgg16
 `input_size` (default 32; fixes the fc width) and `dropout` (default 0); cnn `hidden`
-(default 128); resnet18/34/50/101 `stem` ("imagenet" default, or "cifar").
+(default 128); resnet18/34/50/101 `stem` ("imagenet" default, or "cifar"). Every network
+takes `width` (default 1.0): a channel multiplier on every conv and hidden fc width
+(rounded, at least 1), with depth, pools and unit placement unchanged, so parameter and
+module names (and state_dict keys) are those of width 1.0, only the shapes differ.
 Placement rules: each module's docstring (models.cnn, .alexnet, .vgg, .resnet).
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Callable, Dict, NamedTuple
 from torch import nn
 
 from . import alexnet as _alexnet, cnn as _cnn, resnet as _resnet, vgg as _vgg
-from ._blocks import Units, init_weights, units_of
+from ._blocks import Units, check_width, init_weights, units_of
 
 
 class _Network(NamedTuple):
@@ -85,5 +88,5 @@ def input_size(name: str, **options) -> int:
 
 from .summary import count_macs, count_params, format_table, summary_rows  # noqa: E402
 
-__all__ = ["NAMES", "build", "input_size", "summary_rows", "format_table", "count_params",
+__all__ = ["NAMES", "build", "check_width", "input_size", "summary_rows", "format_table", "count_params",
            "count_macs", "units_of"]

@@ -75,23 +75,44 @@ def pooled_size(size: int, kernel: int, stride: int, padding: int = 0) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def check_width(width) -> float:
+    """The channel multiplier `width`, or ValueError saying why it is not one."""
+    try:
+        w = float(width)
+    except (TypeError, ValueError):
+        raise ValueError(f"width must be a number, got {width!r}") from None
+    if not (w > 0 and w < float("inf")):
+        raise ValueError(f"width must be a positive finite number, got {width!r}")
+    return w
+
+
+def scaled(channels: int, width: float) -> int:
+    """`channels` × `width`, rounded, at least 1: every conv and hidden fc width of a network
+    goes through here, so one multiplier thins or widens the whole network while its depth,
+    pools and placement of units stay as they are."""
+    return max(1, round(channels * width))
+
+
 class PlainNet(nn.Module):
     """A sequence of units and pools (`features`), then hidden FC units and a Linear
     (`classifier`). Built from a layer list:
 
         ("unit", out_channels, kernel, stride, padding)   ("pool", kernel, stride)
         and the hidden FC widths; dropout (if > 0) precedes each hidden FC unit, as in the
-        original AlexNet and VGG classifiers.
+        original AlexNet and VGG classifiers. `width` multiplies every out_channels and
+        hidden FC width (`scaled`).
     """
 
     def __init__(self, units: Units, layers: Sequence[tuple], hidden: Sequence[int], *,
                  in_channels: int, num_classes: int, input_size: int, dropout: float,
-                 name: str):
+                 name: str, width: float = 1.0):
         super().__init__()
+        width = check_width(width)
         features, channels, size = [], in_channels, input_size
         for layer in layers:
             if layer[0] == "unit":
                 _, out, k, s, p = layer
+                out = scaled(out, width)
                 features.append(units(channels, out, k, s, p, first=not features))
                 channels, size = out, pooled_size(size, k, s, p)
             else:
@@ -103,13 +124,13 @@ class PlainNet(nn.Module):
                                  f"map vanishes after layer {len(features)} ({layer}); use "
                                  f"at least 32 (e.g. pad 28×28 images to 32×32)")
         self.features = nn.Sequential(*features)
-        classifier, width = [To1x1()], channels * size * size
-        for out in hidden:
+        classifier, features_out = [To1x1()], channels * size * size
+        for out in [scaled(h, width) for h in hidden]:
             if dropout > 0:
                 classifier.append(nn.Dropout(dropout))
-            classifier.append(units(width, out))
-            width = out
-        classifier += [nn.Flatten(), nn.Linear(width, num_classes)]
+            classifier.append(units(features_out, out))
+            features_out = out
+        classifier += [nn.Flatten(), nn.Linear(features_out, num_classes)]
         self.classifier = nn.Sequential(*classifier)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -137,4 +158,5 @@ def units_of(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _UnitBase)]
 
 
-__all__ = ["Units", "To1x1", "PlainNet", "init_weights", "units_of", "pooled_size"]
+__all__ = ["Units", "To1x1", "PlainNet", "init_weights", "units_of", "pooled_size",
+           "check_width", "scaled"]

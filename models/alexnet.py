@@ -26,7 +26,7 @@ LAYERS = (("unit", 64, 3, 2, 1), ("pool", 2, 2),
 
 
 def alexnet(units: Units, *, in_channels: int, num_classes: int, input_size: int = 32,
-            dropout: float = 0.0) -> PlainNet:
+            dropout: float = 0.0, width: float = 1.0) -> PlainNet:
     return PlainNet(units, LAYERS, (4096, 4096), in_channels=in_channels,
                     num_classes=num_classes, input_size=input_size, dropout=dropout,
-                    name="alexnet")
+                    name="alexnet", width=width)

@@ -20,7 +20,7 @@ LAYERS = (("unit", 32, 3, 1, 1), ("pool", 2, 2), ("unit", 64, 3, 1, 1), ("pool",
 
 
 def cnn(units: Units, *, in_channels: int, num_classes: int, input_size: int = 32,
-        hidden: int = 128, dropout: float = 0.0) -> PlainNet:
+        hidden: int = 128, dropout: float = 0.0, width: float = 1.0) -> PlainNet:
     return PlainNet(units, LAYERS, (hidden,), in_channels=in_channels,
                     num_classes=num_classes, input_size=input_size, dropout=dropout,
-                    name="cnn")
+                    name="cnn", width=width)

@@ -15,6 +15,9 @@ parameter-free option A (subsample by the stride, zero-pad the new channels) and
 ResNet-18/34/50/101 a projection: a 1×1 strided unit with relu=False, so its norm follows
 the chosen norm and order (conv → N, conv → N, N → conv).
 
+Width: `width` multiplies every stage's channel count (ResNet-20 at 0.5: 8/16/32), the
+bottleneck's 4× expansion included, so blocks, shortcuts and placement stay as they are.
+
 Stems: ResNet-20 (32×32 input): U(3×3, 16). ResNet-18+ by default the ImageNet stem
 (224×224 input): U(7×7/2, 64) → maxpool 3×3/2; with `stem="cifar"`: U(3×3, 64), no pool.
 With bn-conv-relu the stem unit's norm sees the raw image (a learned input standardization,
@@ -35,7 +38,7 @@ from torch import Tensor, nn
 
 import fused
 
-from ._blocks import Units
+from ._blocks import Units, check_width, scaled
 
 
 def _zeros(shape, like: Tensor, layout: torch.memory_format) -> Tensor:
@@ -130,8 +133,10 @@ class ResNet(nn.Module):
 
     def __init__(self, units: Units, blocks: Sequence[int], widths: Sequence[int], *,
                  bottleneck: bool, projection: bool, stem: str, in_channels: int,
-                 num_classes: int):
+                 num_classes: int, width: float = 1.0):
         super().__init__()
+        width = check_width(width)
+        widths = [scaled(w, width) for w in widths]
         if stem == "imagenet":
             self.stem = nn.Sequential(units(in_channels, widths[0], 7, 2, 3, first=True),
                                       nn.MaxPool2d(3, 2, 1))
@@ -160,17 +165,18 @@ class ResNet(nn.Module):
         return self.fc(self.pool(x))
 
 
-def resnet20(units: Units, *, in_channels: int, num_classes: int) -> ResNet:
+def resnet20(units: Units, *, in_channels: int, num_classes: int,
+             width: float = 1.0) -> ResNet:
     return ResNet(units, (3, 3, 3), (16, 32, 64), bottleneck=False, projection=False,
-                  stem="cifar", in_channels=in_channels, num_classes=num_classes)
+                  stem="cifar", in_channels=in_channels, num_classes=num_classes, width=width)
 
 
 def _imagenet_resnet(blocks: Sequence[int], bottleneck: bool):
     def build(units: Units, *, in_channels: int, num_classes: int,
-              stem: str = "imagenet") -> ResNet:
+              stem: str = "imagenet", width: float = 1.0) -> ResNet:
         return ResNet(units, blocks, (64, 128, 256, 512), bottleneck=bottleneck,
                       projection=True, stem=stem, in_channels=in_channels,
-                      num_classes=num_classes)
+                      num_classes=num_classes, width=width)
     return build
 
 

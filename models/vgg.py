@@ -24,7 +24,7 @@ LAYERS = tuple(("pool", 2, 2) if c == "pool" else ("unit", c, 3, 1, 1) for c in 
 
 
 def vgg16(units: Units, *, in_channels: int, num_classes: int, input_size: int = 32,
-          dropout: float = 0.0) -> PlainNet:
+          dropout: float = 0.0, width: float = 1.0) -> PlainNet:
     return PlainNet(units, LAYERS, (512, 512), in_channels=in_channels,
                     num_classes=num_classes, input_size=input_size, dropout=dropout,
-                    name="vgg16")
+                    name="vgg16", width=width)

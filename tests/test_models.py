@@ -464,3 +464,79 @@ def test_sgd_steps_float64_every_norm(name):
             floor = 1e-3 * max(p.abs().max().item() for p in eager.parameters())
             for (k, pe), pf in zip(eager.named_parameters(), fusd.parameters()):
                 assert_close_scaled(pf, pe, 1e-9, f"{name} {order} {norm} {k}", floor)
+
+
+# ---------------------------------------------------------------------------------------
+# width
+
+def test_resnet20_width_half_parameter_count():
+    # 8/16/32 channels: convs 216 + 3,456 + 12,672 + 50,688, BN 2·(8 + 6·8 + 6·16 + 6·32)
+    # = 688, fc 32·10 + 10 = 330.
+    assert models.count_params(models.build("resnet20", width=0.5)) == 68_050
+
+
+@pytest.mark.parametrize("name", models.NAMES)
+def test_width_scales_every_conv_and_keeps_the_names(name):
+    """At width w every conv and hidden fc has round(w·C) output channels, every other
+    dimension follows from its input, the state_dict keys are those of width 1, and the
+    network still maps images to class scores (in every order, eager and fused)."""
+    size = models.input_size(name)
+    with torch.device("meta"):
+        base = models.build(name, "conv-bn-relu", "bn", num_classes=7)
+        for width in (0.25, 0.5, 1.5):
+            thin = models.build(name, "conv-bn-relu", "bn", num_classes=7, width=width)
+            assert list(thin.state_dict()) == list(base.state_dict()), width
+            for (path, unit), (_, ref) in zip(units_of(thin), units_of(base)):
+                assert unit.conv.out_channels == max(1, round(ref.conv.out_channels * width)), \
+                    (width, path)
+            assert thin.state_dict()[list(base.state_dict())[-1]].shape == (7,)
+        params = [models.count_params(models.build(name, width=w)) for w in (0.25, 0.5, 1.0)]
+        # the conv weights dominate and scale with width²: ×4 per doubling, less the fixed
+        # first-layer input and the classifier
+        assert 2.5 < params[1] / params[0] <= 4.0 and 2.5 < params[2] / params[1] <= 4.0
+        for order in ORDERS:
+            for backend in ("eager", "fused"):
+                model = models.build(name, order, "bn", backend, num_classes=7, width=0.25)
+                assert model(torch.empty(2, 3, size, size)).shape == (2, 7), (order, backend)
+
+
+def test_width_rounds_to_at_least_one_channel_and_checks_its_argument():
+    tiny = models.build("resnet20", width=0.01)
+    assert {u.conv.out_channels for _, u in units_of(tiny)} == {1}
+    assert tiny(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    for bad in (0, -1, float("nan"), float("inf"), "wide", None):
+        with pytest.raises(ValueError, match="width"):
+            models.build("vgg16", width=bad)
+
+
+@pytest.mark.parametrize("name", ["alexnet", "resnet20"])
+def test_width_eager_fused_interchange(name):
+    """A thinned network keeps the eager ↔ fused checkpoint interchange (float64, training
+    mode), so width is a property of the network, not of a backend."""
+    torch.manual_seed(0)
+    eager, fusd = build_pair(name, "bn-conv-relu", dtype=torch.float64, width=0.25)
+    x, target = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    out_e, dx_e, grads_e = run(eager, x, target)
+    out_f, dx_f, grads_f = run(fusd, x, target)
+    assert_close_scaled(out_f, out_e, 1e-8, "output")
+    assert_close_scaled(dx_f, dx_e, 1e-8, "dx")
+    assert_grads_close(grads_f, grads_e, 1e-8, name)
+
+
+def test_summary_rows_at_a_width():
+    full, half = (models.summary_rows(names=["resnet20"], norms=["bn"], width=w)[0]
+                  for w in (1.0, 0.5))
+    assert half["params"] == 68_050
+    # every conv's MACs scale with in·out channels: ×¼ except the stem (3 input channels, ×½)
+    stem = 32 * 32 * 16 * 27
+    assert half["macs"] == (full["macs"] - stem - 64 * 10) // 4 + stem // 2 + 32 * 10
+
+
+def test_models_command_at_a_width(capsys):
+    from bnorder import cli
+    assert cli.main(["models", "--width", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "width 0.5" in out and "68,050" in out
+    with pytest.raises(SystemExit):
+        cli.main(["models", "--width", "-2"])
+    assert "width must be a positive" in capsys.readouterr().err
