@@ -32,9 +32,35 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# fused.triton.aot runs the launchers on meta tensors to record the launches a GPU would get
+# (kernels are compiled, never run): while it does, a meta tensor stands for a CUDA tensor.
+RECORDING_META_AS_CUDA = False
+
+
+def on_gpu(t: Tensor) -> bool:
+    """Whether t's kernels launch on a GPU (and so take the GPU launch parameters)."""
+    return t.device.type == "cuda" or (RECORDING_META_AS_CUDA and t.device.type == "meta")
+
+
+# FUSED_TRITON_LAUNCH=gpu makes CPU tensors in the interpreter take the launch parameters a
+# GPU takes (tiles, conv blocks, split-K, tensor-core dot dtypes, tf32), so that those are
+# checked numerically here; the default, auto, gives the interpreter its own large blocks.
+LAUNCH_ENV = "FUSED_TRITON_LAUNCH"
+LAUNCH_CHOICES = ("auto", "gpu")
+
+
+def gpu_launch(t: Tensor) -> bool:
+    """Whether the launches for t take a GPU's parameters: on a GPU always, on CPU tensors
+    when FUSED_TRITON_LAUNCH=gpu. Read at every call, like BNORDER_CONV_IMPL."""
+    value = os.environ.get(LAUNCH_ENV, "auto").strip().lower() or "auto"
+    if value not in LAUNCH_CHOICES:
+        raise ValueError(f"{LAUNCH_ENV}={value!r} is not one of {LAUNCH_CHOICES}")
+    return on_gpu(t) or value == "gpu" or not interpreting()
+
+
 def check_runnable(t: Tensor, op: str) -> None:
     """Triton launches CUDA tensors on the GPU and CPU tensors only in the interpreter."""
-    if t.device.type == "cuda":
+    if on_gpu(t):
         return
     if t.device.type == "cpu" and interpreting():
         return
@@ -106,19 +132,20 @@ class Tiling:
         return (geo.outer * self.splits, triton.cdiv(geo.channels, self.block_c))
 
 
-def tiling(geo: Geometry, reduction: bool) -> Tiling:
-    """Tile shape: the stride-1 axis gets the long side of the tile."""
-    budget = TILE_ELEMS_INTERPRETER if interpreting() else TILE_ELEMS_GPU
+def tiling(geo: Geometry, reduction: bool, gpu: bool) -> Tiling:
+    """Launch parameters of every BN primitive (`gpu`: a GPU's, else the interpreter's; see
+    gpu_launch). Tile shape: the stride-1 axis gets the long side of the tile."""
+    budget = TILE_ELEMS_GPU if gpu else TILE_ELEMS_INTERPRETER
     inner_p2 = triton.next_power_of_2(max(geo.inner, 1))
     chan_p2 = triton.next_power_of_2(geo.channels)
     if geo.channels_fastest:
-        block_c = min(chan_p2, 128 if not interpreting() else budget)
+        block_c = min(chan_p2, 128 if gpu else budget)
         block_i = max(1, min(inner_p2, budget // block_c))
     else:
-        block_i = min(inner_p2, budget if interpreting() else 1024)
+        block_i = min(inner_p2, 1024 if gpu else budget)
         block_c = max(1, min(chan_p2, budget // block_i))
     tiles = triton.cdiv(max(geo.inner, 1), block_i)
-    if not reduction or interpreting():
+    if not reduction or not gpu:
         per_split = tiles if reduction else 1
     else:
         programs_wanted = max(1, GPU_PROGRAMS // (geo.outer * triton.cdiv(geo.channels,

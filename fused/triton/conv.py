@@ -20,7 +20,8 @@ values per shape and prints their ratio, then sets BNORDER_CONV_IMPL or AUTO_MAX
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -60,41 +61,91 @@ def select(x: Tensor, weight: Tensor, groups: int) -> str:
 # Launch parameters
 # ---------------------------------------------------------------------------------------
 
-def _dot_flags(t: Tensor) -> dict:
-    low = t.dtype in (torch.float16, torch.bfloat16)
-    tf32 = (t.device.type == "cuda" and t.dtype == torch.float32
-            and torch.backends.cudnn.allow_tf32)
-    return dict(DOT_F32=low and _common.interpreting(),
-                PRECISION="tf32" if tf32 else "ieee")
+def precision(dtype: torch.dtype, gpu: bool) -> str:
+    """tl.dot's input_precision. float32 on a GPU follows torch.backends.cudnn.allow_tf32
+    (True by default), as eager's cuDNN convolution does: TF32 products keep 10 of float32's
+    23 mantissa bits, so each product is off by < 2^-9 relatively and a result by
+    < 2^-9 · Σ|x||W| (tests/triton/test_gpu_launch.py checks that bound against float64).
+    Interpreter-sized launches stay "ieee"; fp16/bf16 and float64 ignore it."""
+    return "tf32" if gpu and dtype == torch.float32 and torch.backends.cudnn.allow_tf32 \
+        else "ieee"
 
 
 # Interpreter block caps: big, because each program instance costs milliseconds there
 # (tests lower them to force many programs, K-loop iterations and split-K slices).
 INTERPRETER_MAX_ROWS = 1024
 INTERPRETER_MAX_CHANNELS = 128
+GPU_MAX_ROWS = 64
 
 
-def _block(n: int, gpu_cap: int, interp_cap: int) -> int:
+def _block(n: int, gpu: bool, gpu_cap: int, interp_cap: int) -> int:
     """Power-of-two block ≥ 16 (tl.dot's minimum) covering n up to the cap."""
-    cap = interp_cap if _common.interpreting() else gpu_cap
-    return max(16, min(triton.next_power_of_2(max(n, 1)), cap))
+    return max(16, min(triton.next_power_of_2(max(n, 1)), gpu_cap if gpu else interp_cap))
 
 
-def _rows_block(rows: int) -> int:
-    return _block(rows, 64, INTERPRETER_MAX_ROWS)
+def _rows_block(rows: int, gpu: bool) -> int:
+    return _block(rows, gpu, GPU_MAX_ROWS, INTERPRETER_MAX_ROWS)
 
 
-def _channels_block(channels: int, gpu_cap: int) -> int:
-    return _block(channels, gpu_cap, INTERPRETER_MAX_CHANNELS)
+def _channels_block(channels: int, gpu: bool, gpu_cap: int) -> int:
+    return _block(channels, gpu, gpu_cap, INTERPRETER_MAX_CHANNELS)
 
 
-def wgrad_splits(rows: int, tiles: int, block_k: int) -> int:
+def wgrad_splits(rows: int, tiles: int, block_k: int, gpu: bool) -> int:
     """Slices of the weight gradient's reduction over (n, p, q): enough programs to fill a
     GPU, each slice still ≥ 8 K-blocks long; one slice in the interpreter."""
-    if _common.interpreting():
+    if not gpu:
         return 1
     return max(1, min(triton.cdiv(_common.GPU_PROGRAMS // 2, tiles),
                       triton.cdiv(rows, 8 * block_k)))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch's parameters: `grid`, and `meta`, the keyword arguments that tune
+    it (block sizes, dot precision), passed to the kernel as they are. The *_config
+    functions below are the only place these are chosen; fused.triton.aot and the
+    FUSED_TRITON_LAUNCH=gpu tests read the GPU's choice from them."""
+    grid: Tuple[int, ...]
+    meta: Dict[str, object]
+    rows_per_split: int = 0  # weight gradient: rows (n, p, q) per split-K slice
+    splits: int = 1          # weight gradient: split-K slices, summed afterwards
+
+
+def forward_config(n: int, c: int, o: int, p: int, q: int, dtype: torch.dtype,
+                   gpu: bool) -> Launch:
+    """conv_fwd_kernel for x (n, c, ·, ·) → y (n, o, p, q)."""
+    block_m = _rows_block(n * p * q, gpu)
+    block_n = _channels_block(o, gpu, 64)
+    return Launch((triton.cdiv(n * p * q, block_m), triton.cdiv(o, block_n)),
+                  dict(PRECISION=precision(dtype, gpu), BLOCK_M=block_m, BLOCK_N=block_n,
+                       BLOCK_K=_channels_block(c, gpu, 32)))
+
+
+def input_grad_config(n: int, c: int, h: int, w: int, o: int, dtype: torch.dtype,
+                      gpu: bool) -> Launch:
+    """conv_dgrad_kernel for dx (n, c, h, w) from a gradient with o channels."""
+    block_m = _rows_block(n * h * w, gpu)
+    block_n = _channels_block(c, gpu, 64)
+    return Launch((triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_n)),
+                  dict(PRECISION=precision(dtype, gpu), BLOCK_M=block_m, BLOCK_N=block_n,
+                       BLOCK_K=_channels_block(o, gpu, 32)))
+
+
+def weight_grad_config(n: int, c: int, o: int, r: int, s: int, p: int, q: int,
+                       dtype: torch.dtype, gpu: bool) -> Launch:
+    """conv_wgrad_kernel for dW (o, c, r, s) over a gradient (n, o, p, q)."""
+    rows = n * p * q
+    block_m = _channels_block(o, gpu, 64)
+    block_n = _channels_block(c, gpu, 64)
+    block_k = _rows_block(rows, gpu)
+    tiles = triton.cdiv(o, block_m) * triton.cdiv(c, block_n) * r * s
+    split = wgrad_splits(rows, tiles, block_k, gpu)
+    per_split = triton.cdiv(triton.cdiv(max(rows, 1), split), block_k) * block_k
+    split = triton.cdiv(max(rows, 1), per_split)
+    return Launch((triton.cdiv(o, block_m), triton.cdiv(c, block_n), r * s * split),
+                  dict(PRECISION=precision(dtype, gpu), BLOCK_M=block_m, BLOCK_N=block_n,
+                       BLOCK_K=block_k), rows_per_split=per_split, splits=split)
 
 
 def output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, int]:
@@ -130,21 +181,18 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequ
     p, q = output_size(x, weight, stride, padding, dilation)
     y = torch.empty((n, o, p, q), dtype=x.dtype, device=x.device,
                     memory_format=_common.memory_format(x))
-    block_m = _rows_block(n * p * q)
-    block_n = _channels_block(o, 64)
-    grid = (triton.cdiv(n * p * q, block_m), triton.cdiv(o, block_n))
-    parts = [torch.empty((grid[0], o) if stats_mode else (1,), dtype=acc, device=x.device)
-             for _ in range(4)]
+    launch = forward_config(n, c, o, p, q, x.dtype, _common.gpu_launch(x))
+    parts = [torch.empty((launch.grid[0], o) if stats_mode else (1,), dtype=acc,
+                         device=x.device) for _ in range(4)]
     if y.numel():
-        K.conv_fwd_kernel[grid](
+        K.conv_fwd_kernel[launch.grid](
             x, weight, bias if bias is not None else parts[0],
             _vector(in_scale, x, acc), _vector(in_shift, x, acc),
             _vector(out_scale, x, acc), _vector(out_shift, x, acc), y, *parts,
             n, c, h, w, o, p, q, *x.stride(), *weight.stride(), *y.stride(),
             *_geometry_args(stride, padding, dilation), R=r, S=s, HAS_BIAS=bias is not None,
             NORM_INPUT=in_scale is not None, APPLY_OUT=out_scale is not None, RELU_OUT=relu,
-            STATS=stats_mode, **_dot_flags(x), BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=_channels_block(c, 32))
+            STATS=stats_mode, **launch.meta)
     return y, (tuple(parts) if stats_mode else None)
 
 
@@ -177,21 +225,18 @@ def conv_input_grad(grad: Tensor, weight: Tensor, x: Tensor, stride, padding, di
     o, _, r, s = weight.shape
     p, q = grad.shape[2:]
     dx = torch.empty_like(x, memory_format=_common.memory_format(x))
-    block_m = _rows_block(n * h * w)
-    block_n = _channels_block(c, 64)
-    grid = (triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_n))
+    launch = input_grad_config(n, c, h, w, o, x.dtype, _common.gpu_launch(x))
     reduce = reduce_mean is not None
     if reduce and x.stride() != dx.stride():
         x = x.contiguous(memory_format=_common.memory_format(x))
-    sums = [torch.zeros((grid[0], c) if reduce else (1,), dtype=acc, device=x.device)
+    sums = [torch.zeros((launch.grid[0], c) if reduce else (1,), dtype=acc, device=x.device)
             for _ in range(2)]
     if dx.numel():
-        K.conv_dgrad_kernel[grid](
+        K.conv_dgrad_kernel[launch.grid](
             grad, saved, vec, weight, dx, x, _vector(reduce_mean, x, acc), *sums,
             n, c, h, w, o, p, q, *grad.stride(), *weight.stride(), *dx.stride(),
             *_geometry_args(stride, padding, dilation), R=r, S=s, PROLOGUE=prologue,
-            RELU_MODE=relu_mode, REDUCE=reduce, **_dot_flags(x), BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_K=_channels_block(o, 32))
+            RELU_MODE=relu_mode, REDUCE=reduce, **launch.meta)
     if not reduce:
         return dx, None
     from .primitives import sum_partials
@@ -209,24 +254,17 @@ def conv_weight_grad(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, d
     n, c, h, w = x.shape
     o, _, r, s = weight.shape
     p, q = grad.shape[2:]
-    rows = n * p * q
-    block_m = _channels_block(o, 64)
-    block_n = _channels_block(c, 64)
-    block_k = _rows_block(rows)
-    tiles = triton.cdiv(o, block_m) * triton.cdiv(c, block_n) * r * s
+    launch = weight_grad_config(n, c, o, r, s, p, q, x.dtype, _common.gpu_launch(x))
     # Slices of the long reduction are summed in a fixed order below: deterministic.
-    split = wgrad_splits(rows, tiles, block_k)
-    per_split = triton.cdiv(triton.cdiv(max(rows, 1), split), block_k) * block_k
-    split = triton.cdiv(max(rows, 1), per_split)
+    split = launch.splits
     dw = torch.zeros((split, o, c, r, s), dtype=acc, device=x.device)
     db = torch.zeros((split, o), dtype=acc, device=x.device)
-    if rows:
-        K.conv_wgrad_kernel[(triton.cdiv(o, block_m), triton.cdiv(c, block_n), r * s * split)](
+    if n * p * q:
+        K.conv_wgrad_kernel[launch.grid](
             grad, saved, vec, x, _vector(in_scale, x, acc), _vector(in_shift, x, acc), dw, db,
-            n, c, h, w, o, p, q, per_split, *grad.stride(), *x.stride(),
+            n, c, h, w, o, p, q, launch.rows_per_split, *grad.stride(), *x.stride(),
             *_geometry_args(stride, padding, dilation), R=r, S=s, PROLOGUE=prologue,
-            RELU_MODE=relu_mode, NORM_INPUT=in_scale is not None, **_dot_flags(x),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+            RELU_MODE=relu_mode, NORM_INPUT=in_scale is not None, **launch.meta)
     dw = dw.sum(0) if split > 1 else dw[0]
     db = db.sum(0) if split > 1 else db[0]
     return dw.to(weight.dtype).contiguous(memory_format=_common.memory_format(weight)), db

@@ -38,16 +38,17 @@ SPLIT_K deterministic partial slices summed afterwards:
 
   with the same ĝ prologue and the same x̃ normalization as the forward.
 
-Accumulation is float32 (float64 for float64 tensors). The dot runs in the input dtype on a
-GPU (tensor cores; float32 as TF32 only when torch.backends.cudnn.allow_tf32 says eager would
-too); in the interpreter float16/bfloat16 operands are widened to float32 first, because its
-low-precision dot is wrong there (DESIGN §8).
+Accumulation is float32 (float64 for float64 tensors). The dot runs in the input dtype
+(tensor cores for float16/bfloat16; float32 as TF32 when conv.precision says so, i.e. when
+torch.backends.cudnn.allow_tf32 says eager would too). In the interpreter _mma reproduces
+those products by hand (bfloat16 widened, TF32 truncated), see fused/triton/README.md.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from ._common import interpreting
 from .norm_kernels import cast_to, grad_of_input, relu_keep_nan, tile_moments
 
 
@@ -59,10 +60,31 @@ def _rows(start, stop, BLOCK: tl.constexpr, A, B):
     return m < stop, m // (A * B), (m // B) % A, m % B
 
 
+# The interpreter's tl.dot is numpy's matmul: it ignores input_precision and multiplies
+# bfloat16 operands as the uint16 bit patterns it stores them in. When interpreting, _mma
+# does what a GPU's tensor cores do by hand (float16 needs nothing: numpy widens it exactly).
+_INTERPRETED = tl.constexpr(interpreting())
+
+
 @triton.jit
-def _mma(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    if DOT_F32:
-        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+def _tf32(v):
+    # mma.tf32 reads only the top 19 bits of each float32 operand (Triton's PTX feeds it the
+    # float32 registers without a cvt.rna.tf32): the low 13 mantissa bits are dropped.
+    return (v.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a·b with products in the operands' dtype (tf32 for float32 when PRECISION says
+    so) and sums in acc's dtype."""
+    if _INTERPRETED:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if PRECISION == "tf32":
+            a = _tf32(a)
+            b = _tf32(b)
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     # out_dtype: triton 3.7 defaults it to float32 and rejects a float64 accumulator
     # that differs from it; 3.8 infers it from acc. Passing it serves both.
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
@@ -123,7 +145,7 @@ def conv_fwd_kernel(
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_INPUT: tl.constexpr,
         APPLY_OUT: tl.constexpr, RELU_OUT: tl.constexpr, STATS: tl.constexpr,
-        DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     m_mask, n, p, q = _rows(pid_m * BLOCK_M, N * P * Q, BLOCK_M, P, Q)
@@ -145,7 +167,7 @@ def conv_fwd_kernel(
                                   in_shift_ptr, c, c_mask, NORM_INPUT)
             b = tl.load(w_ptr + o[None, :] * swo + c[:, None] * swc + (rs // S) * swr
                         + (rs % S) * sws, mask=c_mask[:, None] & o_mask[None, :], other=0.0)
-            acc = _mma(a, b, acc, DOT_F32, PRECISION)
+            acc = _mma(a, b, acc, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o, mask=o_mask, other=0.0).to(acc_ty)[None, :]
     if APPLY_OUT:
@@ -185,7 +207,7 @@ def conv_dgrad_kernel(
         sgn, sgo, sgp, sgq, swo, swc, swr, sws, sxn, sxc, sxh, sxw,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         R: tl.constexpr, S: tl.constexpr, PROLOGUE: tl.constexpr, RELU_MODE: tl.constexpr,
-        REDUCE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+        REDUCE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     m_mask, n, h, w = _rows(pid_m * BLOCK_M, N * H * W, BLOCK_M, H, W)
@@ -210,7 +232,7 @@ def conv_dgrad_kernel(
                                PROLOGUE, RELU_MODE, 1)
             b = tl.load(w_ptr + o[:, None] * swo + c[None, :] * swc + (rs // S) * swr
                         + (rs % S) * sws, mask=o_mask[:, None] & c_mask[None, :], other=0.0)
-            acc = _mma(cast_to(g, w_ptr.dtype.element_ty), b, acc, DOT_F32, PRECISION)
+            acc = _mma(cast_to(g, w_ptr.dtype.element_ty), b, acc, PRECISION)
     valid = m_mask[:, None] & c_mask[None, :]
     dx = cast_to(acc, dx_ptr.dtype.element_ty)
     x_offs = (n.to(tl.int64) * sxn + h * sxh + w * sxw)[:, None] + c[None, :] * sxc
@@ -237,7 +259,7 @@ def conv_wgrad_kernel(
         sgn, sgo, sgp, sgq, sxn, sxc, sxh, sxw,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         R: tl.constexpr, S: tl.constexpr, PROLOGUE: tl.constexpr, RELU_MODE: tl.constexpr,
-        NORM_INPUT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+        NORM_INPUT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     o = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_mask = o < O
@@ -267,7 +289,7 @@ def conv_wgrad_kernel(
             x_ptr, (n.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
             inside[:, None] & c_mask[None, :], in_scale_ptr, in_shift_ptr, c, c_mask,
             NORM_INPUT)
-        acc = _mma(cast_to(g, x_ptr.dtype.element_ty), xt, acc, DOT_F32, PRECISION)
+        acc = _mma(cast_to(g, x_ptr.dtype.element_ty), xt, acc, PRECISION)
     dw_offs = ((split * O + o[:, None]) * C + c[None, :]) * (R * S) + rs
     tl.store(dw_ptr + dw_offs, acc, mask=o_mask[:, None] & c_mask[None, :])
     tl.store(db_ptr + split * O + o, db, mask=o_mask & (pid_c == 0) & (rs == 0))

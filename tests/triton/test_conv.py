@@ -75,7 +75,7 @@ def test_many_programs_k_loops_and_split_k(monkeypatch):
     """Small blocks: many row tiles, several K iterations, and split-K weight gradients."""
     monkeypatch.setattr(C, "INTERPRETER_MAX_ROWS", 16)
     monkeypatch.setattr(C, "INTERPRETER_MAX_CHANNELS", 16)
-    monkeypatch.setattr(C, "wgrad_splits", lambda rows, tiles, block_k: 3)
+    monkeypatch.setattr(C, "wgrad_splits", lambda rows, tiles, block_k, gpu: 3)
     k, stride, pad, dil, hw = GEOMETRIES["3x3-s2"]
     x = torch.randn(2, 20, *hw, dtype=torch.float64)
     w, b = torch.randn(18, 20, 3, 3, dtype=torch.float64), torch.randn(18, dtype=torch.float64)
