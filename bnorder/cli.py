@@ -75,7 +75,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     import models
 
-    from . import study, train
+    from . import executors, study, train
     parser = argparse.ArgumentParser(prog="bnorder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report-only", action="store_true",
                    help="only (re)write the report from the finished runs in --out")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--workers", type=_positive_int, default=1,
+                   help="train N runs at once on this machine, each in its own process with "
+                        "cores/N torch threads (one GPU each where there are several); "
+                        "default 1: one after another in this process")
+    s.add_argument("--executor", choices=executors.EXECUTORS, default="local",
+                   help="local (this machine) or ray: one Ray task per run (pip install -e "
+                        ".[ray]); --out must then be on storage every node shares")
+    s.add_argument("--address", default=None,
+                   help="with --executor ray: 'auto' (the cluster this node joined) or "
+                        "HOST:PORT of its head; default a new Ray instance on this machine")
+    s.add_argument("--cpus-per-run", type=_positive_int, default=1,
+                   help="with --executor ray on a cluster without GPUs: CPUs (= torch "
+                        "threads) of each run's task (default 1)")
+    s.add_argument("--max-retries", type=int, default=2,
+                   help="times a run whose worker process or node died is started again "
+                        "from its last checkpoint (default 2)")
 
     c = sub.add_parser("check", help="self-check of the fused kernels (fused.check)")
     c.add_argument("args", nargs=argparse.REMAINDER, help="arguments for fused.check")

@@ -28,7 +28,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -229,11 +229,14 @@ def _check_resumable(out: Path, config: TrainConfig) -> None:
 def train(config: TrainConfig, out: str | Path, resume: bool = False,
           dataset: Optional[data_mod.Dataset] = None, progress: bool = True,
           stop_after: Optional[int] = None, verbose: Optional[bool] = None,
-          ddp: Optional[distributed.Context] = None) -> List[Dict]:
+          ddp: Optional[distributed.Context] = None,
+          on_step: Optional[Callable[[int, int, int], None]] = None) -> List[Dict]:
     """Train (or resume) the run in folder `out`; returns the metric rows of every epoch.
     `stop_after` ends the process's work after that epoch (tests simulate a kill with it);
     `verbose` (default: `progress`) prints one line per epoch. `ddp`: this process's rank
-    in a data-parallel run (bnorder.distributed); rank 0 alone writes `out`."""
+    in a data-parallel run (bnorder.distributed); rank 0 alone writes `out`. `on_step(epoch,
+    images trained in this epoch, images per epoch)` follows every step (a study's workers
+    report their progress with it)."""
     ctx = ddp or distributed.LOCAL
     verbose = (progress if verbose is None else verbose) and ctx.is_main
     progress = progress and ctx.is_main
@@ -290,6 +293,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
         t_epoch = time.perf_counter()
         model.train()
         total_loss, correct, seen, step_times = 0.0, 0, 0, []
+        images = 0   # of the global batch, whatever this rank's share
         bar = tqdm(total=steps * config.batch_size, unit="img", unit_scale=True, leave=False,
                    disable=not progress, dynamic_ncols=True,
                    desc=f"{config.model} {config.order} {config.norm} {config.backend} "
@@ -310,6 +314,9 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(y)
             bar.update(batch)
+            if on_step is not None:
+                images += batch
+                on_step(epoch, images, steps * config.batch_size)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
         bar.close()
         total_loss, correct, seen = ctx.sum(total_loss, correct, seen)
