@@ -151,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="times a run whose worker process or node died is started again "
                         "from its last checkpoint (default 2)")
 
-    c = sub.add_parser("check", help="self-check of the fused kernels (fused.check)")
-    c.add_argument("args", nargs=argparse.REMAINDER, help="arguments for fused.check")
+    # `bnorder check ARGS` hands ARGS to fused.check unparsed (see main): listed here for
+    # `bnorder --help` only.
+    sub.add_parser("check", help="self-check of the fused kernels (fused.check; --gpu: "
+                                 "validate and time the Triton kernels on a CUDA GPU)")
 
     m = sub.add_parser("models", help="parameters and MACs per image of every network")
     m.add_argument("--width", type=_width, default=1.0,
@@ -186,7 +188,7 @@ def _train(args) -> int:
     return 0
 
 
-def _check(args) -> int:
+def _check(argv: List[str]) -> int:
     try:
         from fused import check
     except ImportError as e:
@@ -194,7 +196,7 @@ def _check(args) -> int:
               f"fused backend: {fused.backend()}; extension error: {fused.extension_error()}",
               file=sys.stderr)
         return 1
-    return check.main(args.args) or 0
+    return check.main(argv, prog="bnorder check") or 0
 
 
 def _models(args) -> int:
@@ -207,6 +209,9 @@ def _models(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from . import study, train
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check"]:
+        return _check(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -214,8 +219,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _train(args)
         if args.command == "study":
             return study.main(args)
-        if args.command == "check":
-            return _check(args)
         return _models(args)
     except (train.TrainError, data_mod.DataError, study.StudyError) as e:
         print(f"bnorder {args.command}: error: {e}", file=sys.stderr)

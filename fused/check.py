@@ -1,12 +1,13 @@
 """Self-check of the fused kernels on this machine: `python -m fused.check` or `bnorder check`.
 
     python -m fused.check [--backend cpp|triton|reference|all] [--quick]
+    python -m fused.check --gpu [--quick] [--no-timing] [--layer NAME] [--dtype fp16|bf16|fp32]
 
 Runs every order × norm × mode (training, eval) through the fused functional ops of each
 backend and compares the output, every gradient (input, conv weight, conv bias, gamma, beta)
 and the running statistics with the float64 eager reference (fused.reference.unit_forward
-with autograd). Eager PyTorch runs the same case at the same precision, and a row passes
-when
+with autograd). Eager PyTorch runs the same case at the same precision on the same device
+(cuDNN on a GPU), and a row passes when
 
     max|fused − ref| / max|ref|  ≤  2 · (eager's own error) + tol
 
@@ -16,9 +17,16 @@ float16/bfloat16 (DESIGN §6). The Triton backend is checked with both conv_impl
 Which backends: by default those the machine has — `cpp` for CPU tensors (or `reference` when
 the C++ extension is missing; its load error is printed), `triton` on a CUDA GPU.
 `--backend triton` without a GPU runs the Triton kernels in Triton's interpreter on CPU tensors
-(slow: use --quick). On a GPU the check also times each Triton kernel and prints achieved
-GB/s, TFLOP/s and the ratio to eager PyTorch (expected figures: fused/triton/README.md).
-Exit status 0 when every row passes.
+(slow: use --quick).
+
+`--gpu` (`bnorder check --gpu`) is the first thing to run on a GPU: the Triton backend on
+CUDA tensors in float64, float32, float16 and bfloat16, NCHW and channels_last, then a timing
+table at one layer shape (fused.triton.roofline.LAYERS): the four primitives, the fused
+convolution variants and one unit per order (forward, forward + backward), each against
+eager PyTorch and torch.compile of the eager code, timed with triton.testing.do_bench, with
+achieved GB/s, TFLOP/s and the share of the roofline at the GPU's published peaks. Without a
+usable GPU it exits with status 2 and names what is missing. Exit status 0 when every row
+passes.
 """
 from __future__ import annotations
 
@@ -27,7 +35,8 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from types import SimpleNamespace
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -49,14 +58,27 @@ class Row:
     note: str = ""
 
 
-def _parse(argv: Optional[List[str]]):
-    p = argparse.ArgumentParser(prog="python -m fused.check", description=__doc__.split("\n")[0])
+def _parse(argv: Optional[List[str]], prog: str = "python -m fused.check"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="auto: the backends this machine has (default); all: every backend "
                         "that can run here, the Triton interpreter included")
     p.add_argument("--quick", action="store_true",
                    help="batch norm only, float32, NCHW: a few seconds per backend")
-    return p.parse_args(argv)
+    p.add_argument("--gpu", action="store_true",
+                   help="the Triton backend on this machine's CUDA GPU: every order × norm × "
+                        "dtype (fp64, fp32, fp16, bf16) × layout × mode, then the timing table; "
+                        "exits 2 naming what is missing when there is no usable GPU")
+    p.add_argument("--no-timing", action="store_true", help="with --gpu: validation only")
+    p.add_argument("--layer", choices=_layer_names(), default=DEFAULT_LAYER,
+                   help=f"with --gpu: the layer shape of the timing table (default "
+                        f"{DEFAULT_LAYER}; shapes from fused.triton.roofline.LAYERS)")
+    p.add_argument("--dtype", choices=tuple(TIMING_DTYPES), default="fp16",
+                   help="with --gpu: dtype of the timing table (default fp16)")
+    args = p.parse_args(argv)
+    if args.gpu and args.backend not in ("auto", "triton"):
+        p.error(f"--gpu checks the triton backend, not --backend {args.backend}")
+    return args
 
 
 def _backends(choice: str) -> List[str]:
@@ -210,14 +232,24 @@ def check_case(order: str, norm: str, training: bool, dtype: torch.dtype, device
     return mine, theirs, passed
 
 
-def battery(backend: str, quick: bool) -> List[Row]:
+GPU_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def battery(backend: str, quick: bool, device: Optional[str] = None, dtypes=None,
+            orders=None, norms=None, progress: Optional[Callable[[str], None]] = None
+            ) -> List[Row]:
+    """One Row per conv_impl × dtype × layout × order × norm × mode. `device` defaults to
+    cuda for the Triton backend on a GPU machine, else cpu; `dtypes` to float64 and float32
+    (plus float16 and bfloat16 on cuda); `progress(description)` is called before each row."""
     from .reference import NORMS, ORDERS
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    if device is None:
+        device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     impls = ("aten", "triton") if backend == "triton" else ("-",)
-    norms = ("bn",) if quick else NORMS
-    dtypes = [torch.float32] if quick else [torch.float64, torch.float32]
-    if device == "cuda" and not quick:
-        dtypes += [torch.float16, torch.bfloat16]
+    norms = norms or (("bn",) if quick else NORMS)
+    if dtypes is None:
+        dtypes = [torch.float32] if quick else (
+            list(GPU_DTYPES) if torch.device(device).type == "cuda" else
+            [torch.float64, torch.float32])
     layouts = [(False, 1)] if quick else [(False, 1), (True, 2)]
     rows = []
     for impl in impls:
@@ -227,9 +259,11 @@ def battery(backend: str, quick: bool) -> List[Row]:
         with _environ(**env):
             for dtype in dtypes:
                 for channels_last, stride in layouts:
-                    for order in ORDERS:
+                    for order in orders or ORDERS:
                         for norm in norms:
                             for training in (True, False):
+                                if progress:
+                                    progress(f"{backend} {impl} {_SHORT[dtype]} {order} {norm}")
                                 rows.append(_row(backend, impl, dtype, channels_last, stride,
                                                  order, norm, training, device))
     return rows
@@ -253,67 +287,184 @@ def _row(backend, impl, dtype, channels_last, stride, order, norm, training, dev
 
 
 # ----------------------------------------------------------------------------------------
-# GPU throughput (CUDA only)
+# Timing: every primitive, the fused convolution variants and every unit against eager PyTorch
+# and torch.compile, with achieved GB/s, TFLOP/s and the share of the roofline
 # ----------------------------------------------------------------------------------------
 
-def _cuda_ms(fn, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+DEFAULT_LAYER = "resnet50.conv2_3x3"   # 64×64×56×56 → 64, 3×3: near the H100's ridge point
+TIMING_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PROVIDERS = ("fused", "eager", "compile")
+
+# Kernels each unit runs on the fused-convolution path (fused/triton/README.md, "What each
+# pass reads and writes"), as fused.triton.roofline.kernel_cost arguments; the merge kernels
+# on (P, C) partials are left out (a few KB). The unit's roofline time is the sum of theirs.
+_UNIT_KERNELS = {
+    ("conv-to-norm", "fwd"): (("conv_fwd_kernel", dict(stats=True)),
+                              ("apply_kernel", dict(norm_side="output"))),
+    ("conv-to-norm", "bwd"): (("backward_reduce_kernel", dict(norm_side="output")),
+                              ("conv_dgrad_kernel", dict(prologue=1)),
+                              ("conv_wgrad_kernel", dict(prologue=1))),
+    ("bn-conv-relu", "fwd"): (("stats_partial_kernel", dict(norm_side="input")),
+                              ("conv_fwd_kernel", dict(norm_input=True))),
+    ("bn-conv-relu", "bwd"): (("conv_dgrad_kernel", dict(prologue=1, reduce=True)),
+                              ("conv_wgrad_kernel", dict(prologue=1)),
+                              ("backward_apply_kernel", dict(norm_side="input"))),
+}
 
 
-def throughput(n: int = 64, c: int = 64, hw: int = 56, dtype=torch.float16) -> List[tuple]:
-    """(kernel, ms, achieved, unit, eager ms, eager/fused) rows for the Triton kernels."""
+@dataclass
+class TimingRow:
+    kind: str                      # copy | primitive | conv | unit
+    name: str
+    seconds: Dict[str, float]      # provider -> median seconds per call
+    bytes: float                   # compulsory bytes (fused.triton.roofline)
+    flops: float
+    bound_s: Optional[float]       # roofline time at the GPU's published peaks; None: unknown GPU
+
+    def achieved(self, provider: str = "fused") -> tuple:
+        t = self.seconds[provider]
+        return self.bytes / t / 1e9, self.flops / t / 1e12
+
+    @property
+    def share(self) -> Optional[float]:
+        return None if self.bound_s is None else self.bound_s / self.seconds["fused"]
+
+    def ratio(self, provider: str) -> Optional[float]:
+        """provider time / fused time (> 1: fused is faster)."""
+        if provider not in self.seconds:
+            return None
+        return self.seconds[provider] / self.seconds["fused"]
+
+
+def _roofline_cost(kernels, layer, dtype, gpu, tf32: bool) -> tuple:
+    """(bytes, FLOPs, roofline seconds or None) of a sequence of kernel launches."""
+    from .triton import roofline
+    total_bytes = total_flops = 0.0
+    bound = 0.0
+    for kernel, kwargs in kernels:
+        cost = roofline.kernel_cost(kernel, layer, dtype, **kwargs)
+        total_bytes += cost.bytes
+        total_flops += cost.flops
+        if gpu is not None:
+            bound += roofline.bound_seconds(cost, gpu, dtype, tf32)
+    return total_bytes, total_flops, (bound if gpu is not None else None)
+
+
+def timing_table(layer, dtype: torch.dtype, device: str, timer, *, backend: str = "triton",
+                 compiler: Callable = None, gpu_name: Optional[str] = None,
+                 providers=PROVIDERS, orders=None, progress=None) -> List[TimingRow]:
+    """Time the primitives, the fused convolution variants (Triton backend) and one unit per
+    order (forward, forward + backward) at `layer` in `dtype` on `device`, each against eager
+    PyTorch and torch.compile of the eager code, with `timer` (fused.timing). `compiler`
+    defaults to torch.compile; `gpu_name` (default: the CUDA device's name) picks the peaks of
+    fused.triton.roofline; `progress(description)` is called before each row."""
     import torch.nn.functional as F
-    from .triton import conv as tconv, primitives as tp
-    dev = "cuda"
-    t = torch.randn(n, c, hw, hw, device=dev, dtype=dtype)
-    g = torch.randn_like(t)
-    v = [torch.rand(c, device=dev) + 0.5 for _ in range(6)]
-    mean, scale, shift, k1, k2, k3 = v
-    size = t.numel() * t.element_size()
-    gamma, beta = v[1].clone().requires_grad_(), v[2].clone().requires_grad_()
-    xin = t.clone().requires_grad_()
 
-    def eager_fwd():
-        return F.relu(F.batch_norm(xin, None, None, gamma, beta, True))
+    import fused
+    from . import _backend, reference
+    from .reference import ORDERS
+    from .triton import roofline
 
-    out = eager_fwd()
-    rows = []
-    eager_f = _cuda_ms(eager_fwd)
-    eager_b = _cuda_ms(lambda: torch.autograd.grad(out, [xin, gamma, beta], g,
-                                                   retain_graph=True))
-    kernels = [("stats", lambda: tp.stats(t, 1), 1, eager_f),
-               ("apply", lambda: tp.apply(t, scale, shift, 1), 2, eager_f),
-               ("backward_reduce", lambda: tp.backward_reduce(g, t, mean, scale, shift, 1), 2,
-                eager_b),
-               ("backward_apply",
-                lambda: tp.backward_apply(g, t, mean, scale, shift, k1, k2, k3, 1), 3,
-                eager_b)]
-    copy_ms = _cuda_ms(lambda: t.clone())
-    rows.append(("copy (reference)", copy_ms, 2 * size / copy_ms / 1e6, "GB/s", None, None))
-    for name, fn, passes, eager_ms in kernels:
-        ms = _cuda_ms(fn)
-        rows.append((name, ms, passes * size / ms / 1e6, "GB/s", eager_ms, eager_ms / ms))
-    w = torch.randn(c, c, 3, 3, device=dev, dtype=dtype) * 0.05
-    flops = 2 * n * hw * hw * c * c * 9
-    aten_ms = _cuda_ms(lambda: F.conv2d(t, w, None, 1, 1))
-    for name, kwargs in (("conv 3x3 (triton)", {}),
-                         ("conv 3x3 + stats epilogue", {"stats_mode": 1}),
-                         ("conv 3x3 + norm prologue", {"in_scale": scale, "in_shift": shift})):
-        ms = _cuda_ms(lambda: tconv.conv_forward(t, w, None, [1, 1], [1, 1], [1, 1], **kwargs))
-        rows.append((name, ms, flops / ms / 1e9, "TFLOP/s", aten_ms, aten_ms / ms))
-    rows.append(("conv 3x3 (aten/cuDNN)", aten_ms, flops / aten_ms / 1e9, "TFLOP/s", None,
-                 None))
+    if compiler is None:
+        def compiler(fn):
+            return torch.compile(fn, dynamic=False)
+    if gpu_name is None and torch.device(device).type == "cuda":
+        gpu_name = torch.cuda.get_device_name(device)
+    gpu = roofline.gpu_named(gpu_name) if gpu_name else None
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    step = progress or (lambda _description: None)
+    rows: List[TimingRow] = []
+
+    def timed(kind, name, fns, kernels):
+        step(f"{kind} {name}")
+        seconds = {p: timer.seconds(fn) for p, fn in fns.items() if p in providers}
+        rows.append(TimingRow(kind, name, seconds, *_roofline_cost(kernels, layer, dtype,
+                                                                     gpu, tf32)))
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    t = torch.randn(layer.n, layer.o, layer.p, layer.q, device=device, dtype=dtype,
+                    generator=gen)
+    g = torch.randn(t.shape, device=device, dtype=dtype, generator=gen)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    mean, scale, shift, k1, k2, k3 = (torch.rand(layer.o, device=device, dtype=acc,
+                                                 generator=gen) + 0.5 for _ in range(6))
+
+    # The copy row: what a memory-bound kernel can reach on this device (2 A moved).
+    copy_bytes = 2 * t.numel() * t.element_size()
+    step("copy")
+    copy_s = timer.seconds(lambda: t.clone())
+    rows.append(TimingRow("copy", "t.clone() (reference)", {"fused": copy_s}, copy_bytes, 0.0,
+                          None if gpu is None else copy_bytes / gpu.bandwidth))
+
+    relu = reference.RELU_AFTER
+    with _environ(FUSED_BACKEND=backend):
+        prims = _backend.primitives(t)
+        calls = {
+            "stats": (lambda p: p.stats(t, relu), "stats_partial_kernel"),
+            "apply": (lambda p: p.apply(t, scale, shift, relu), "apply_kernel"),
+            "backward_reduce": (lambda p: p.backward_reduce(g, t, mean, scale, shift, relu),
+                                "backward_reduce_kernel"),
+            "backward_apply": (lambda p: p.backward_apply(g, t, mean, scale, shift, k1, k2, k3,
+                                                          relu), "backward_apply_kernel"),
+        }
+        for name, (call, kernel) in calls.items():
+            eager_fn = getattr(reference, name)
+            fns = {"fused": lambda call=call: call(prims),
+                   "eager": lambda call=call: call(reference)}
+            if "compile" in providers:
+                compiled = SimpleNamespace(**{name: compiler(eager_fn)})
+                fns["compile"] = lambda call=call, c=compiled: call(c)
+            timed("primitive", f"{name} ({prims.name})", fns,
+                  [(kernel, dict(norm_side="output"))])
+
+        x = torch.randn(layer.n, layer.c, layer.h, layer.w, device=device, dtype=dtype,
+                        generator=gen)
+        w = torch.randn(layer.o, layer.c, layer.r, layer.s, device=device, dtype=dtype,
+                        generator=gen) * 0.05
+        if backend == "triton":
+            from .triton import conv as tconv
+            geo = ([layer.stride] * 2, [layer.padding] * 2, [1, 1])
+            in_scale, in_shift = (torch.rand(layer.c, device=device, dtype=acc,
+                                             generator=gen) + 0.5 for _ in range(2))
+            for name, kwargs, extra in (
+                    ("conv (triton)", {}, {}),
+                    ("conv + stats epilogue", {"stats_mode": 1}, {"stats": True}),
+                    ("conv + norm prologue", {"in_scale": in_scale, "in_shift": in_shift},
+                     {"norm_input": True})):
+                timed("conv", name,
+                      {"fused": lambda kw=kwargs: tconv.conv_forward(x, w, None, *geo, **kw),
+                       "eager": lambda: F.conv2d(x, w, None, layer.stride, layer.padding)},
+                      [("conv_fwd_kernel", extra)])
+
+        for order in orders or ORDERS:
+            units = {}
+            for provider in providers:
+                torch.manual_seed(0)
+                unit = fused.make_unit(order, layer.c, layer.o, layer.r, layer.stride,
+                                       layer.padding, norm="bn",
+                                       backend="fused" if provider == "fused" else "eager")
+                unit = unit.train().to(device=device)
+                unit.conv.to(dtype)  # statistics and gamma/beta stay float32 (DESIGN §2)
+                units[provider] = compiler(unit) if provider == "compile" else unit
+            xin = x.detach().clone().requires_grad_(True)
+            side = "bn-conv-relu" if order == "bn-conv-relu" else "conv-to-norm"
+            for mode in ("fwd", "fwd+bwd"):
+                fns = {p: _unit_step(u, xin, g_out=None if mode == "fwd" else
+                                     torch.randn_like(t, dtype=dtype))
+                       for p, u in units.items()}
+                kernels = _UNIT_KERNELS[(side, "fwd")] + (
+                    _UNIT_KERNELS[(side, "bwd")] if mode != "fwd" else ())
+                timed("unit", f"{order} {mode}", fns, kernels)
     return rows
+
+
+def _unit_step(unit, x, g_out):
+    """The training forward of `unit` on x, and with `g_out` also the gradients of x and the
+    parameters."""
+    params = [p for p in unit.parameters() if p.requires_grad]
+    if g_out is None:
+        return lambda: unit(x)
+    return lambda: torch.autograd.grad(unit(x), [x, *params], g_out)
 
 
 # ----------------------------------------------------------------------------------------
@@ -342,26 +493,102 @@ def _print_rows(console, rows: List[Row]) -> None:
     console.print(table)
 
 
-def _print_throughput(console, rows) -> None:
+def _print_timing(console, rows: List[TimingRow], layer, dtype: torch.dtype, device_name: str,
+                  gpu_known: bool) -> None:
     from rich.table import Table
-    table = Table(title=f"Triton kernels on {torch.cuda.get_device_name()} "
-                        f"(N=64, C=64, 56x56, float16)")
-    for col in ("kernel", "ms", "achieved", "eager ms", "eager / fused"):
-        table.add_column(col)
-    for name, ms, achieved, unit, eager_ms, ratio in rows:
-        table.add_row(name, f"{ms:.3f}", f"{achieved:.0f} {unit}" if unit == "GB/s"
-                      else f"{achieved:.1f} {unit}",
-                      "-" if eager_ms is None else f"{eager_ms:.3f}",
-                      "-" if ratio is None else f"{ratio:.2f}x")
+    table = Table(title=f"Timing on {device_name}: {layer.name} ({layer.describe()}), "
+                        f"{_SHORT[dtype]}; median ms per call")
+    for col in ("kind", "name", "fused ms", "eager ms", "compile ms", "GB/s", "TFLOP/s",
+                "roofline", "eager / fused", "compile / fused"):
+        table.add_column(col, justify="left" if col in ("kind", "name") else "right")
+
+    def ms(row, provider):
+        return f"{1e3 * row.seconds[provider]:.3f}" if provider in row.seconds else "-"
+
+    def ratio(row, provider):
+        r = row.ratio(provider)
+        return "-" if r is None else f"{r:.2f}x"
+
+    for r in rows:
+        gbps, tflops = r.achieved()
+        table.add_row(r.kind, r.name, ms(r, "fused"), ms(r, "eager"), ms(r, "compile"),
+                      f"{gbps:.3g}", f"{tflops:.3g}" if r.flops else "-",
+                      "-" if r.share is None else f"{100 * r.share:.2g}%",
+                      ratio(r, "eager"), ratio(r, "compile"))
+    table.caption = (
+        "roofline: the time the compulsory bytes and FLOPs (fused.triton.roofline) take at the "
+        "GPU's published peaks over the measured fused time; copy row: a clone's share"
+        if gpu_known else
+        "roofline: no published peaks for this GPU in fused.triton.roofline.GPUS (share not "
+        "shown); GB/s and TFLOP/s are achieved figures")
     console.print(table)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = _parse(argv)
+def _bar(total: int, what: str):
+    """A progress bar on stderr with rate and ETA (tqdm); returns (bar, callback)."""
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=what, unit="row", file=sys.stderr, leave=False)
+
+    def step(description: str) -> None:
+        bar.set_postfix_str(description, refresh=False)
+        bar.update(1)
+    return bar, step
+
+
+def gpu_check(console, device: str = "cuda", timer=None, *, backend: str = "triton",
+              quick: bool = False, timing: bool = True, layer=None,
+              dtype: torch.dtype = torch.float16, compiler: Callable = None,
+              gpu_name: Optional[str] = None, orders=None, norms=None, dtypes=None) -> int:
+    """`bnorder check --gpu`: validation of every order × norm × dtype × layout × mode on
+    `device` against the float64 reference and eager PyTorch (cuDNN), then the timing table.
+    `timer` defaults to fused.timing.bench_timer_for(device); the tests pass device="cpu",
+    a CPU backend and fake timers to run this path without a GPU. Returns the exit status."""
+    from . import timing as timing_mod
+    from .reference import NORMS, ORDERS
+    from .triton import roofline
+    layer = layer or roofline.LAYERS[DEFAULT_LAYER]
+    dtypes = dtypes or ((torch.float32,) if quick else GPU_DTYPES)
+    norms = norms or (("bn",) if quick else None)
+    count = (len(dtypes) * (1 if quick else 2) * len(orders or ORDERS) *
+             len(norms or NORMS) * 2 * (2 if backend == "triton" else 1))
+    bar, step = _bar(count, "validation")
+    with bar:
+        rows = battery(backend, quick, device, dtypes, orders, norms, progress=step)
+    _print_rows(console, rows)
+    failed = sum(not r.passed for r in rows)
+    console.print(f"{len(rows) - failed}/{len(rows)} checks passed")
+    if timing:
+        timer = timer or timing_mod.bench_timer_for(device)
+        if gpu_name is None and torch.device(device).type == "cuda":
+            gpu_name = torch.cuda.get_device_name(device)
+        count = 1 + 4 + (3 if backend == "triton" else 0) + 2 * len(orders or ORDERS)
+        bar, step = _bar(count, "timing")
+        with bar:
+            trows = timing_table(layer, dtype, device, timer, backend=backend,
+                                 compiler=compiler, gpu_name=gpu_name, orders=orders,
+                                 progress=step)
+        _print_timing(console, trows, layer, dtype, gpu_name or str(device),
+                      roofline.gpu_named(gpu_name or "") is not None)
+    return 1 if failed else 0
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "python -m fused.check") -> int:
+    args = _parse(argv, prog)
     from rich.console import Console
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)  # logs and pipes: keep the table readable
+    if args.gpu:
+        from . import timing
+        try:
+            timing.require_device("cuda")
+        except timing.DeviceUnavailable as e:
+            print(f"{prog} --gpu: {e}. The Triton kernels need a CUDA GPU; without one, "
+                  f"`python -m fused.check --backend triton --quick` runs them in Triton's "
+                  f"interpreter.", file=sys.stderr)
+            return 2
+        return gpu_check(console, "cuda", quick=args.quick, timing=not args.no_timing,
+                         layer=_layer(args.layer), dtype=TIMING_DTYPES[args.dtype])
     backends = _backends(args.backend)
     blocked = {}
     if "triton" in backends:
@@ -383,11 +610,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         rows.extend(battery(backend, args.quick))
     _print_rows(console, rows)
-    if "triton" in backends and "triton" not in blocked and torch.cuda.is_available():
-        _print_throughput(console, throughput())
     failed = sum(not r.passed for r in rows)
     console.print(f"{len(rows) - failed}/{len(rows)} checks passed")
+    if ("triton" in backends and "triton" not in blocked and torch.cuda.is_available()
+            and not args.no_timing):
+        console.print("timing table: `bnorder check --gpu`")
     return 1 if failed else 0
+
+
+def _layer(name: str):
+    from .triton import roofline
+    return roofline.LAYERS[name]
+
+
+def _layer_names():
+    from .triton import roofline
+    return tuple(roofline.LAYERS)
 
 
 if __name__ == "__main__":
