@@ -20,11 +20,19 @@ $(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.
 	$(PY) -c "import fused; assert fused.extension_error() is None, fused.extension_error()"
 	touch $(STAMP)
 
-test: setup
+# Extras the tests exercise (Ray, for `bnorder study --executor ray`) at the pins of setup.py's
+# extras_require, read back from the installed package's metadata.
+EXTRAS_STAMP := $(VENV)/.bnorder-test-extras
+$(EXTRAS_STAMP): $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q $$($(PY) -c "from importlib.metadata \
+	  import requires; print(*(r.split(';')[0] for r in requires('bnorder') if 'extra == \"ray\"' in r))")
+	touch $@
+
+test: setup $(EXTRAS_STAMP)
 	$(PY) -m pytest -q
 
 # Everything, including the long checks behind the `slow` marker.
-test-all: setup
+test-all: setup $(EXTRAS_STAMP)
 	$(PY) -m pytest -q -m ""
 
 # The study's quick preset on Fashion-MNIST (≤ 15 minutes on 2 cores, set-up included: the time

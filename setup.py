@@ -28,4 +28,6 @@ setup(
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["bnorder=bnorder.cli:main"]},
+    # `bnorder study --executor ray`; `make test` installs it for the tests that exercise it.
+    extras_require={"ray": ["ray==2.60.0"]},
 )
