@@ -97,7 +97,7 @@ def machine_of(device: str, timer: timing.Timer) -> dict:
                 cache_bytes=common.cache_bytes(device), threads=torch.get_num_threads(),
                 device=device)
     if device == "cuda":
-        info["device_name"] = torch.cuda.get_device_name()
+        info["device_name"] = timing.device_name(device)
     return info
 
 

@@ -356,7 +356,7 @@ def timing_table(layer, dtype: torch.dtype, device: str, timer, *, backend: str 
     """Time the primitives, the fused convolution variants (Triton backend) and one unit per
     order (forward, forward + backward) at `layer` in `dtype` on `device`, each against eager
     PyTorch and torch.compile of the eager code, with `timer` (fused.timing). `compiler`
-    defaults to torch.compile; `gpu_name` (default: the CUDA device's name) picks the peaks of
+    defaults to torch.compile; `gpu_name` (default: fused.timing.device_name) picks the peaks of
     fused.triton.roofline; `progress(description)` is called before each row."""
     import torch.nn.functional as F
 
@@ -368,9 +368,9 @@ def timing_table(layer, dtype: torch.dtype, device: str, timer, *, backend: str 
     if compiler is None:
         def compiler(fn):
             return torch.compile(fn, dynamic=False)
-    if gpu_name is None and torch.device(device).type == "cuda":
-        gpu_name = torch.cuda.get_device_name(device)
-    gpu = roofline.gpu_named(gpu_name) if gpu_name else None
+    from .timing import device_name
+    gpu_name = gpu_name or device_name(device)
+    gpu = roofline.gpu_named(gpu_name)
     tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
     step = progress or (lambda _description: None)
     rows: List[TimingRow] = []
@@ -559,16 +559,15 @@ def gpu_check(console, device: str = "cuda", timer=None, *, backend: str = "trit
     console.print(f"{len(rows) - failed}/{len(rows)} checks passed")
     if timing:
         timer = timer or timing_mod.bench_timer_for(device)
-        if gpu_name is None and torch.device(device).type == "cuda":
-            gpu_name = torch.cuda.get_device_name(device)
+        gpu_name = gpu_name or timing_mod.device_name(device)
         count = 1 + 4 + (3 if backend == "triton" else 0) + 2 * len(orders or ORDERS)
         bar, step = _bar(count, "timing")
         with bar:
             trows = timing_table(layer, dtype, device, timer, backend=backend,
                                  compiler=compiler, gpu_name=gpu_name, orders=orders,
                                  progress=step)
-        _print_timing(console, trows, layer, dtype, gpu_name or str(device),
-                      roofline.gpu_named(gpu_name or "") is not None)
+        _print_timing(console, trows, layer, dtype, gpu_name,
+                      roofline.gpu_named(gpu_name) is not None)
     return 1 if failed else 0
 
 

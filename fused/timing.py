@@ -64,6 +64,12 @@ def require_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def device_name(device: str | torch.device) -> str:
+    """The GPU's name (torch.cuda.get_device_name) for a CUDA device, else the device type."""
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+
+
 class Timer(Protocol):
     """Seconds per call of `fn`, measured on the device that runs it."""
 

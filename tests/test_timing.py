@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fused import timing
-from tests.fake_cuda import Log, do_bench_timer, event_timer
+from tests.fake_cuda import FakeEvent, Log, do_bench_timer, event_timer
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(),
                                    reason="checks the refusal on a machine without CUDA")
@@ -102,3 +102,22 @@ def test_cuda_timers_chosen_when_cuda_is_usable(monkeypatch):
     assert timing.cuda_missing() is None
     assert isinstance(timing.timer_for("cuda"), timing.CudaEventTimer)
     assert isinstance(timing.bench_timer_for("cuda:0"), timing.DoBenchTimer)
+
+
+def test_default_cuda_pieces_are_torch_cudas(monkeypatch):
+    """Without stand-ins the event timer makes torch.cuda.Event(enable_timing=True) and
+    synchronizes with torch.cuda.synchronize; device_name asks torch.cuda for the GPU."""
+    log = Log()
+
+    class Event(FakeEvent):
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            super().__init__(log)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: log.calls.append(("synchronize",)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert timing.CudaEventTimer().seconds(lambda: None) >= 0
+    assert log.names()[:4] == ["synchronize", "event", "event", "record"]
+    assert timing.device_name("cuda:0") == "NVIDIA H100 PCIe"
+    assert timing.device_name("cpu") == "cpu"
