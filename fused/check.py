@@ -448,13 +448,14 @@ def timing_table(layer, dtype: torch.dtype, device: str, timer, *, backend: str 
                 units[provider] = compiler(unit) if provider == "compile" else unit
             xin = x.detach().clone().requires_grad_(True)
             side = "bn-conv-relu" if order == "bn-conv-relu" else "conv-to-norm"
+            impl = f" (conv {_backend.conv_impl(x, w, 1)})" if backend == "triton" else ""
             for mode in ("fwd", "fwd+bwd"):
                 fns = {p: _unit_step(u, xin, g_out=None if mode == "fwd" else
                                      torch.randn_like(t, dtype=dtype))
                        for p, u in units.items()}
                 kernels = _UNIT_KERNELS[(side, "fwd")] + (
                     _UNIT_KERNELS[(side, "bwd")] if mode != "fwd" else ())
-                timed("unit", f"{order} {mode}", fns, kernels)
+                timed("unit", f"{order} {mode}{impl}", fns, kernels)
     return rows
 
 
