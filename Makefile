@@ -43,21 +43,27 @@ run: setup
 	echo "$(PY) -m bnorder study --preset quick --out runs/study-quick --budget-s $$left"; \
 	$(PY) -m bnorder study --preset quick --out runs/study-quick --budget-s $$left
 
-# pytest-benchmark suites (≤ 25 min on 2 cores, quiet machine): benchmarks/results/<date>.json
-# and .md; BENCH_ARGS adds pytest options (e.g. BENCH_ARGS="-k resnet20" or "--wide").
-BENCH_OUT = benchmarks/results/$(shell date +%F)
+# pytest-benchmark suites (half an hour or more on 2 quiet cores: every torch.compile case
+# compiles afresh, 10-60 s each) into runs/bench/<time>.json and .md, untracked; CANONICAL=1
+# also files the run as benchmarks/results/<machine>-<suite>.json and .md, the current
+# results. BENCH_ARGS adds pytest options (e.g. BENCH_ARGS="-k resnet20" or "--wide").
+BENCH_DIR  := runs/bench
+BENCH_OUT  := $(BENCH_DIR)/$(shell date -u +%Y%m%dT%H%M%S)
 bench: setup
-	mkdir -p benchmarks/results
+	mkdir -p $(BENCH_DIR)
 	env $$($(PY) -c "from benchmarks.common import ALLOCATOR_ENV as e; print(*(f'{k}={v}' for k, v in e.items()))") \
 	  $(PY) -m pytest benchmarks/ --benchmark-only -p no:cacheprovider --benchmark-json=$(BENCH_OUT).json $(BENCH_ARGS)
 	$(PY) -m benchmarks.report $(BENCH_OUT).json -o $(BENCH_OUT).md
 	@echo "wrote $(BENCH_OUT).json and $(BENCH_OUT).md"
+	$(if $(CANONICAL),$(PY) -m benchmarks.report $(BENCH_OUT).json --canonical)
 
-# Where the ResNet-20 step goes (≈ 2.5 min): every provider's time in ATen's convolutions vs
-# the rest, and the step each target of the bench suite allows.
+# Where the ResNet-20 step goes (minutes: one torch.compile per case and compiled provider):
+# every provider's time in ATen's convolutions vs the rest, and the targets these steps
+# measure; CANONICAL=1 as for bench.
 profile: setup
-	mkdir -p benchmarks/results
-	$(PY) -m benchmarks.profile_step --json $(BENCH_OUT)-profile-resnet20.json $(PROFILE_ARGS)
+	mkdir -p $(BENCH_DIR)
+	$(PY) -m benchmarks.profile_step --json $(BENCH_OUT)-profile.json $(PROFILE_ARGS)
+	$(if $(CANONICAL),$(PY) -m benchmarks.report $(BENCH_OUT)-profile.json --canonical)
 
 clean:
 	rm -rf $(VENV) build *.egg-info fused/_C*.so

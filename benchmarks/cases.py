@@ -3,7 +3,9 @@ networks, one unit's or one network's step for a provider, the bytes-moved model
 memory probes (saved-for-backward bytes, peak live bytes).
 
 Providers: `eager` (plain torch modules), `fused` (this package), `compile` (torch.compile of
-the eager module, static shapes, compiled afresh per case), and for the units `conv+relu`,
+the eager module, static shapes, compiled afresh per case), for the networks `compile-fused`
+(torch.compile of the fused module: do the fused ops leave inductor free to fuse the rest of
+the network?), and for the units `conv+relu`,
 the eager unit with an empty norm slot: the floor a fused unit can reach on CPU, where the
 convolution stays in ATen.
 
@@ -29,6 +31,7 @@ from models import units_of
 BATCH = 128            # as in training
 NETWORKS = ("alexnet", "vgg16", "resnet20")
 PROVIDERS = ("eager", "fused", "compile")
+NETWORK_PROVIDERS = PROVIDERS + ("compile-fused",)
 FLOOR = "conv+relu"
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
@@ -184,12 +187,17 @@ def network_step(name: str, order: str, norm: str, provider: str, batch: int = B
                  sync: Callable[[], None] = lambda: None
                  ) -> Tuple[Callable[[], None], float | None]:
     """One SGD training step (forward, cross-entropy, backward, momentum SGD) and, for
-    `compile`, the compile time (the first step, made here, then `sync`). The learning rate
-    is tiny so that repeated steps on one batch neither diverge nor hit denormals."""
-    model = build_network(name, order, norm, "fused" if provider == "fused" else "eager",
+    `compile` and `compile-fused`, the compile time (the first step, made here, then `sync`).
+    The learning rate is tiny so that repeated steps on one batch neither diverge nor hit
+    denormals."""
+    if provider not in NETWORK_PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of "
+                         f"{', '.join(NETWORK_PROVIDERS)}")
+    is_compiled = provider.startswith("compile")
+    model = build_network(name, order, norm, "fused" if provider.endswith("fused") else "eager",
                           fmt_name, device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    forward = compiled(model) if provider == "compile" else model
+    forward = compiled(model) if is_compiled else model
     x, target = network_batch(name, batch, fmt_name, device)
 
     def step():
@@ -198,7 +206,7 @@ def network_step(name: str, order: str, norm: str, provider: str, batch: int = B
         opt.step()
 
     compile_s = None
-    if provider == "compile":
+    if is_compiled:
         start = time.perf_counter()
         step()
         sync()
@@ -212,7 +220,8 @@ def network_step(name: str, order: str, norm: str, provider: str, batch: int = B
 # norm + ReLU side only: (forward, backward). torch.compile is credited with the fused
 # two-pass figures (inductor makes the same two passes); with an empty slot only the
 # ReLU is left: read + write forward, read g and the mask + write backward.
-BN_SIDE = {"eager": (5, 8), FLOOR: (2, 3), "fused": (3, 5), "compile": (3, 5)}
+BN_SIDE = {"eager": (5, 8), FLOOR: (2, 3), "fused": (3, 5), "compile": (3, 5),
+           "compile-fused": (3, 5)}
 RELU_SIDE = (2, 3)
 
 

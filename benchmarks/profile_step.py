@@ -5,10 +5,11 @@
 
 For each order and memory format it builds the step of `benchmarks.network_step` for
 
-    none      the network with an empty norm slot (eager; the reference of the BN tax)
-    eager     plain torch modules
-    fused     this package
-    compile   torch.compile (inductor) of the eager network
+    none           the network with an empty norm slot (eager; the reference of the BN tax)
+    eager          plain torch modules
+    fused          this package
+    compile        torch.compile (inductor) of the eager network
+    compile-fused  torch.compile (inductor) of the fused network
 
 times the steps interleaved (medians), then runs a few steps of each under torch.profiler
 and sums the time of the outermost ATen convolution calls (forward `aten::convolution`,
@@ -18,14 +19,16 @@ torch.utils.flop_counter, and the machine's dense fp32 rate is measured once wit
 torch.mm (the best rate a library reaches on this CPU).
 
 Why: every provider here runs the same ATen convolutions, so their time is a floor that no
-BN implementation on top of them can go below. The report prints, for the issue's step
-targets (fused >= 1.2x eager, >= 1.5x torch.compile), the step time each target allows next
-to fused's convolution time alone.
+BN implementation on top of them can go below. It then marks the targets of
+benchmarks/targets.py that these steps measure (the network's fused BN tax, fused vs eager,
+compiled fused vs compiled eager) ✓ or ✗ with the measured figure; `python -m
+benchmarks.report` renders the JSON it writes as Markdown.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -39,10 +42,10 @@ from tqdm import tqdm
 
 import fused
 from benchmarks import cases, common
+from benchmarks import targets as tg
 
-PROVIDERS = ("none", "eager", "fused", "compile")
+PROVIDERS = ("none", "eager", "fused", "compile", "compile-fused")
 CONV_OPS = ("aten::convolution", "aten::convolution_backward")
-TARGETS = {"eager": 1.2, "compile": 1.5}   # issue 6: fused step >= target x provider's step
 
 _gemm_rate: float | None = None
 
@@ -113,20 +116,21 @@ def conv_seconds(step) -> float:
 
 def profile(network: str, order: str, fmt: str, rounds: int, batch: int,
             providers=PROVIDERS, profiled_rounds: int = 5) -> Dict:
-    """Median step time of every provider (interleaved, unprofiled), the median time of its
-    convolutions (`profiled_rounds` profiled steps, providers taking turns too), and for the
-    step targets the time each allows and the BN budget it leaves: allowed step time minus
-    the step of the same network without BN."""
+    """Median step time of every provider (interleaved, unprofiled) and the median time of
+    its convolutions (`profiled_rounds` profiled steps, providers taking turns too)."""
     if "none" not in providers or "fused" not in providers:
         raise ValueError("profile needs the providers 'none' and 'fused'")
-    steps, compile_s = {}, None
+    bad = [p for p in providers if p not in PROVIDERS]
+    if bad:
+        raise ValueError(f"unknown provider {bad[0]!r}; expected some of {', '.join(PROVIDERS)}")
+    steps, compile_s = {}, {}
     for provider in providers:
         norm = "none" if provider == "none" else "bn"
         backend = "eager" if provider == "none" else provider
         steps[provider], seconds = cases.network_step(network, order, norm, backend, batch,
                                                       fmt)
         if seconds is not None:
-            compile_s = seconds
+            compile_s[provider] = seconds
     samples = common.time_interleaved(steps, rounds=rounds, inner=1, warmup=2)
     convs: Dict[str, List[float]] = {p: [] for p in steps}
     # one discarded profiled round, as the timing's warm-up; single steps of this machine
@@ -144,16 +148,6 @@ def profile(network: str, order: str, fmt: str, rounds: int, batch: int,
         row["providers"][provider] = dict(step_ms=seconds * 1e3, conv_ms=conv * 1e3,
                                           conv_share=conv / seconds,
                                           conv_gflops=row["conv_gflop"] / conv)
-    fused_row, none_row = row["providers"]["fused"], row["providers"]["none"]
-    row["targets"] = {}
-    for provider, factor in TARGETS.items():
-        if provider not in steps:
-            continue
-        allowed = row["providers"][provider]["step_ms"] / factor
-        row["targets"][provider] = dict(
-            factor=factor, allowed_ms=allowed, none_step_ms=none_row["step_ms"],
-            bn_budget_ms=allowed - none_row["step_ms"], fused_conv_ms=fused_row["conv_ms"],
-            fused_step_ms=fused_row["step_ms"], reached=fused_row["step_ms"] <= allowed)
     return row
 
 
@@ -183,17 +177,11 @@ def show(rows: List[Dict], rate: float) -> None:
     if any(p["conv_share"] > 1 for row in rows for p in row["providers"].values()):
         console.print("conv ms above step ms: the two are medians of separate steps, and "
                       "this machine is noisy; raise --rounds or --batch")
-    targets = Table(title="step targets: the step each allows, against the network without BN "
-                          "and fused's convolutions alone")
-    for col in ("order", "format", "target", "allowed ms", "none step ms", "BN budget ms",
-                "fused conv ms", "fused step ms", "reached"):
-        targets.add_column(col, justify="right" if "ms" in col else "left")
-    for row in rows:
-        for provider, t in row["targets"].items():
-            targets.add_row(row["order"], row["format"], f">= {t['factor']}x {provider}",
-                            f"{t['allowed_ms']:.1f}", f"{t['none_step_ms']:.1f}",
-                            f"{t['bn_budget_ms']:+.1f}", f"{t['fused_conv_ms']:.1f}",
-                            f"{t['fused_step_ms']:.1f}", "yes" if t["reached"] else "no")
+    targets = Table(title="targets (benchmarks/targets.py) these steps measure")
+    for col in tg.HEADER[:-1]:
+        targets.add_column(col)
+    for verdict in tg.rows(tg.evaluate(tg.from_profile(rows))):
+        targets.add_row(*verdict[:-1])
     console.print(targets)
 
 
@@ -223,9 +211,11 @@ def main(argv=None) -> None:
         rows.append(profile(args.network, order, fmt, args.rounds, args.batch))
     show(rows, rate)
     if args.json:
+        when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         with open(args.json, "w") as f:
             json.dump(dict(gemm_gflops=rate / 1e9, threads=torch.get_num_threads(),
-                           rows=rows), f, indent=1)
+                           machine=f"cpu-{os.cpu_count()}core", datetime=when, rows=rows),
+                      f, indent=1)
 
 
 if __name__ == "__main__":

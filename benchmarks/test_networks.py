@@ -1,6 +1,7 @@
 """One training step (forward, cross-entropy, backward, momentum SGD) of alexnet, vgg16 and
-resnet20 at batch 128, fp32, in every order: eager / fused / torch.compile with norm bn,
-interleaved with the same network with norm `none` (the reference of the BN tax). Every
+resnet20 at batch 128, fp32, in every order: eager / fused / torch.compile of the eager model /
+torch.compile of the fused model (`compile-fused`) with norm bn, interleaved with the same
+network with norm `none` (the reference of the BN tax). Every
 network runs in NCHW; resnet20 also in channels_last (`nhwc`), model and input converted for
 every provider alike: oneDNN's convolutions are faster there, and torch.compile's layout
 optimization picks it by itself even for NCHW input, so the NCHW rows alone would credit
@@ -45,7 +46,7 @@ class NetworkCase:
 
 def pytest_generate_tests(metafunc):
     quick, wide = metafunc.config.getoption("--quick"), metafunc.config.getoption("--wide")
-    providers = ("eager", "fused") if quick else cases.PROVIDERS
+    providers = ("eager", "fused") if quick else cases.NETWORK_PROVIDERS
     all_cases = []
     for net, order, batch, fmt in cases.network_configs(quick):
         all_cases += [NetworkCase(net, order, "bn", p, batch, fmt) for p in providers]
@@ -59,7 +60,7 @@ def _build(case: NetworkCase, device: str, sync):
     def build(variants):
         fns, compile_s = {}, {}
         for norm, provider in [*(("none", p) for p in NONE),
-                               *(("bn", p) for p in cases.PROVIDERS)]:
+                               *(("bn", p) for p in cases.NETWORK_PROVIDERS)]:
             variant = NetworkCase(case.network, case.order, norm, provider, case.batch,
                                   case.fmt).variant
             if variant not in variants:
@@ -81,7 +82,7 @@ def test_network_step(benchmark, case, interleaved, machine, device):
                                              case.provider, case.batch)
     extra = dict(suite="network", network=case.network, order=case.order, norm=case.norm,
                  provider=case.provider, variant=case.variant, batch=case.batch)
-    reference = NONE["compile"] if case.provider == "compile" else NONE["eager"]
+    reference = NONE["compile"] if case.provider.startswith("compile") else NONE["eager"]
     extra.update(harness.timing_info(timing, timings["eager"], moved, working_set, machine,
                                      case.fmt, timings.get(reference) if case.norm == "bn"
                                      else None))
