@@ -309,7 +309,9 @@ class _Ray:
     def error(self, exc, job: Job) -> BaseException:
         from ray.exceptions import RayTaskError
         if isinstance(exc, RayTaskError):
-            return exc.as_instanceof_cause()
+            # the run's own error (TrainError, DataError, ...) as the task raised it
+            cause = getattr(exc, "cause", None)
+            return cause if isinstance(cause, Exception) else exc.as_instanceof_cause()
         return StudyError(f"{_names([job])} ({job.out}): its Ray task failed for good "
                           f"({type(exc).__name__}: {exc}); finished runs are kept, run the "
                           "same command again to resume it from its last checkpoint")
@@ -369,7 +371,7 @@ class _Display:
 
     def log(self, line: str) -> None:
         if self.enabled:
-            self.progress.console.print(line, highlight=False)
+            self.progress.console.print(line, markup=False, highlight=False)
         else:
             print(line, flush=True)
 
@@ -439,6 +441,11 @@ def check(executor: str = "local", workers: int = 1, address: Optional[str] = No
                          "takes --cpus-per-run CPUs (or one GPU) wherever Ray places it")
     if executor == "local" and address is not None:
         raise StudyError("--address needs --executor ray")
+    if executor == "ray":
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            raise StudyError("--executor ray needs Ray, an optional extra: "
+                             "pip install -e .[ray]")
     if executor == "local" and cpus_per_run != 1:
         raise StudyError("--cpus-per-run is for --executor ray; locally each of the "
                          "--workers processes takes cores / workers threads")
