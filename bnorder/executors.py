@@ -352,6 +352,7 @@ class _Display:
                              // j.config.epochs) for j in jobs}
         self.names = {j.key: j.name for j in jobs}
         self.rows: Dict[str, int] = {}
+        self.began: Dict[str, float] = {}    # when a worker first took the run
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  TaskProgressColumn(), Rate(), TimeElapsedColumn(),
                                  TextColumn("ETA"), TimeRemainingColumn(),
@@ -380,6 +381,7 @@ class _Display:
         if key not in self.total:
             return
         if kind == "start":
+            self.began.setdefault(key, time.perf_counter())
             self.finish_row(key)
             self.rows[key] = self.progress.add_task(f"{value}: {self.names[key]}",
                                                     total=self.total[key] or None,
@@ -523,8 +525,10 @@ def execute(jobs: List[Job], dataset: Optional[data_mod.Dataset] = None, *,
                     finished += 1
                     display.finished_run(job.key)
                     res = fut.result()
+                    # a queued run's time counts from when a worker took it
+                    began = display.began.get(job.key, t_start[job.key])
                     emit(f"[{finished}/{len(jobs)}] {job.name}: test_acc {res['test_acc']:.4f}"
-                         f"  {time.perf_counter() - t_start[job.key]:5.1f} s  "
+                         f"  {time.perf_counter() - began:5.1f} s  "
                          f"(study {time.perf_counter() - t0:6.1f} s)"
                          + (f"  [{res['worker']}]" if parallel else ""))
                 if lost and not running:
