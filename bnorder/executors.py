@@ -175,7 +175,7 @@ def _ray_task(job: Job, events, threads: int, root: str) -> Dict:
 
 class _Inline:
     """This process, one run at a time (train()'s own progress bar)."""
-    slots = 1
+    slots, broken = 1, False
 
     def __init__(self, dataset, progress: bool):
         self.dataset, self.progress = dataset, progress
@@ -193,6 +193,9 @@ class _Inline:
 
     def lost(self, _exc) -> bool:
         return False
+
+    def error(self, exc, _job: Job) -> BaseException:
+        return exc
 
     def close(self, running) -> None:
         pass
@@ -243,6 +246,9 @@ class _Pool:
             return True
         return False
 
+    def error(self, exc, _job: Job) -> BaseException:
+        return exc
+
     def restart(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self._start()
@@ -257,6 +263,7 @@ class _Pool:
 class _Ray:
     """One Ray task per run, on the instance at `address` (None: a new local instance, or
     the one this process already started)."""
+    broken = False
 
     def __init__(self, address: Optional[str], cpus_per_run: int, max_retries: int,
                  root: Path, budget: bool):
@@ -493,8 +500,7 @@ def execute(jobs: List[Job], dataset: Optional[data_mod.Dataset] = None, *,
     try:
         with display:
             while todo or running:
-                while todo and len(running) < backend.slots and not getattr(
-                        backend, "broken", False):
+                while todo and len(running) < backend.slots and not backend.broken:
                     job = todo[0]
                     if (budget_s is not None and started and job.key not in started
                             and time.perf_counter() - t0 > budget_s):
@@ -521,7 +527,7 @@ def execute(jobs: List[Job], dataset: Optional[data_mod.Dataset] = None, *,
                         if backend.lost(exc):
                             lost.append(job)
                             continue
-                        raise backend.error(exc, job) if hasattr(backend, "error") else exc
+                        raise backend.error(exc, job)
                     finished += 1
                     display.finished_run(job.key)
                     res = fut.result()
