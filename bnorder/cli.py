@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--channels-last", action="store_true")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-augment", action="store_true",
+                   help="train on the images as they are (no random crop or flip)")
     t.add_argument("--ddp", action="store_true",
                    help="data-parallel under torchrun: --batch-size is the global batch, "
                         "split over the ranks (see bnorder.distributed)")
@@ -170,6 +172,7 @@ def _train(args) -> int:
         weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
         data=args.data or "fashion-mnist", data_dir=args.data_dir, subset=args.subset,
         test_subset=args.test_subset, compile=args.compile, channels_last=args.channels_last,
+        augment=not args.no_augment,
         model_options={"width": args.width})
     from . import distributed
     if args.sync_bn and not args.ddp:

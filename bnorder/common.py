@@ -77,3 +77,12 @@ def run_dir(out: Path, run: Dict) -> Path:
     key = hashlib.sha1(json.dumps(run["config"].to_json(), sort_keys=True).encode())
     return Path(out) / "runs" / run["model"] / slug(run["label"]) / run["backend"] / \
         f"seed{run['seed']}-{key.hexdigest()[:8]}"
+
+
+def network_settings(spec: Dict, model: str) -> Dict:
+    """The TrainConfig fields a study sets per network: its width (`widths` maps network →
+    channel multiplier; absent networks keep 1.0) and the memory format. The study's runs
+    and its step-time measurement both build their networks from these."""
+    width = spec.get("widths", {}).get(model, 1.0)
+    return {"channels_last": bool(spec.get("channels_last", False)),
+            "model_options": {"width": width}}

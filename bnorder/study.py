@@ -32,30 +32,49 @@ from .train import TrainConfig, is_done
 ORDERS = list(fused.ORDERS)
 
 PRESETS: Dict[str, Dict] = {
-    # Sized for `make run` (≤ 15 minutes on the shared 2-core CPU machine, set-up included):
-    # 3 networks × 4 configurations × (2 fused seeds + 1 eager seed) = 36 short runs, under a
-    # time budget. It answers "does each placement train, how fast does it start, at what
-    # cost per step" — not which placement wins after full training.
+    # `make run`: ≤ 15 minutes on the shared 2-core CPU machine, set-up included, so the
+    # study's part is what set-up leaves of 10 minutes. Spent on learning: thinner networks
+    # (same depth and placement) trained long enough to reach useful accuracy, fused only —
+    # eager computes the same function, and the interleaved step-time measurement gives its
+    # speed and BN tax and checks that its losses agree with the fused ones.
     "quick": dict(
         models=["alexnet", "vgg16", "resnet20"], orders=ORDERS, norms=["bn", "none"],
-        seeds=[0, 1], backends=["eager", "fused"], backend_seeds={"eager": [0]},
-        data="fashion-mnist", epochs=3, subset=96, test_subset=200, batch_size=16, lr=0.02,
-        momentum=0.9, weight_decay=5e-4, schedule="cosine", gradflow_batch=32,
-        budget_s=600, bench_rounds=7, bench_batch=32, bench_budget_s=90,
+        seeds=[0, 1], backends=["fused", "eager"], backend_seeds={"eager": []},
+        widths={"alexnet": 0.25, "vgg16": 0.25, "resnet20": 0.5}, channels_last=True,
+        data="fashion-mnist", epochs=2, subset=8192, test_subset=2000, augment=False,
+        batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+        gradflow_batch=64, budget_s=600, bench_rounds=5, bench_batch=64, bench_budget_s=60,
         description=(
-            "A time-boxed smoke study for `make run` (≤ 15 minutes on 2 shared CPU cores, "
-            "set-up included): every run trains a few epochs on a small slice of "
-            "Fashion-MNIST and is evaluated on a slice of the test set after every epoch "
-            "(the exact sizes are in the hyper-parameter line below). The fused backend "
-            "runs two seeds (the convergence statistics); the eager backend runs one (its "
-            "throughput, the BN tax of eager PyTorch, and a check against the fused run). "
-            "Runs are ordered fused seed 0 for every network first, then eager seed 0, then "
-            "the second fused seed, and no run starts after the time budget, so on a busy "
-            "machine the later tiers are listed as not started (rerun `make run` to "
-            "finish them; finished runs are skipped). Accuracies are far below converged "
-            "values: differences between orders at this budget say how fast each placement "
-            "starts to learn, not where it ends; use --preset paper or larger "
-            "--epochs/--subset for that.")),
+            "A time-boxed study for `make run` (≤ 15 minutes on 2 CPU cores, set-up "
+            "included). Networks at reduced width (AlexNet and VGG-16 at 0.25, ResNet-20 at "
+            "0.5: every conv and hidden fc thinned, depth and BN placement kept), channels_last, "
+            "fused backend, trained on the first training images of Fashion-MNIST and "
+            "evaluated on 2 000 test images after every epoch (sizes in the hyper-parameter "
+            "line below); two seeds per configuration. The eager backend is not trained: "
+            "it computes the same function, and the interleaved step-time measurement gives "
+            "its throughput and BN tax and compares its losses with the fused ones. Runs are "
+            "ordered seed 0 for every network first, then seed 1, and no run starts after the "
+            "time budget, so on a busy machine the second seed may be listed as not started "
+            "(rerun `make run` to finish them; finished runs are skipped). What two seeds "
+            "and this short training can conclude is said per network below.")),
+    # Overnight on 2 CPU cores: full Fashion-MNIST, enough seeds for Welch's test to reach
+    # p < 0.05 on differences of a few tenths of a percentage point (docs/study.md gives the
+    # estimate and how it was obtained).
+    "cpu": dict(
+        models=["alexnet", "vgg16", "resnet20"], orders=ORDERS, norms=["bn", "none"],
+        seeds=[0, 1, 2, 3, 4], backends=["fused", "eager"], backend_seeds={"eager": []},
+        widths={"alexnet": 0.5, "vgg16": 0.25, "resnet20": 1.0}, channels_last=True,
+        data="fashion-mnist", epochs=6, subset=None, test_subset=None,
+        batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+        gradflow_batch=128, bench_rounds=20, bench_batch=128, bench_budget_s=600,
+        description=(
+            "An overnight CPU study: the full Fashion-MNIST training set (60 000 images) and "
+            "test set (10 000), AlexNet at width 0.5, VGG-16 at 0.25 and ResNet-20 at full width, channels_last, fused backend, five seeds per "
+            "configuration — enough for Welch's test to separate differences of a few tenths "
+            "of a percentage point (the per-network power figures are in the report). The "
+            "eager backend is measured (step time, BN tax, agreement), not trained. The "
+            "estimated duration is printed before the first run; an interrupted study "
+            "continues where it stopped when the same command is run again.")),
     # He et al. 2015 ("Deep Residual Learning for Image Recognition", §4.2, CIFAR-10):
     # SGD, batch 128, momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 32k and 48k
     # iterations, stopped at 64k; augmentation 4-pixel zero padding + random 32×32 crop +
@@ -105,6 +124,7 @@ def grid(spec: Dict) -> List[Dict]:
     tiers = [(seed, backend) for seed in all_seeds
              for backend in sorted(spec["backends"], key=lambda b: b != primary)
              if seed in seeds_for(backend)]
+    from .common import network_settings
     runs = []
     for seed, backend in tiers:
         for model in spec["models"]:
@@ -116,7 +136,8 @@ def grid(spec: Dict) -> List[Dict]:
                     schedule=spec["schedule"], seed=seed, data=spec["data"],
                     data_dir=spec.get("data_dir"), subset=spec["subset"],
                     test_subset=spec["test_subset"],
-                    gradflow_batch=spec.get("gradflow_batch", 32))
+                    gradflow_batch=spec.get("gradflow_batch", 32),
+                    augment=spec.get("augment", True), **network_settings(spec, model))
                 runs.append(dict(model=model, order=order, norm=norm,
                                  label=label(order, norm), backend=backend, seed=seed,
                                  config=config))
@@ -132,8 +153,13 @@ def resolve(args) -> Dict:
         value = getattr(args, key, None)
         if value is not None:
             spec[key] = value
-    if args.seeds is not None:
-        spec.pop("backend_seeds", None)   # --seeds applies to every backend
+    if args.backends is not None:
+        spec.pop("backend_seeds", None)   # every backend named on the command line trains
+    elif args.seeds is not None:
+        # --seeds applies to every backend that trains; one the preset only measures
+        # (an empty seed list: step times and the agreement check) stays so
+        spec["backend_seeds"] = {b: [] for b, s in spec.get("backend_seeds", {}).items()
+                                 if not s}
     overridden = [k for k in ("epochs", "subset", "test_subset", "batch_size", "data", "lr",
                               "models", "orders", "norms", "seeds", "backends")
                   if getattr(args, k, None) is not None]
@@ -166,6 +192,11 @@ def run_study(spec: Dict, out: Path, progress: bool = True,
     print(f"study {spec['preset']}: {len(runs)} runs in {out} ({len(runs) - len(todo)} "
           f"already finished)", flush=True)
     dataset = data_mod.load(spec["data"], spec.get("data_dir")) if todo else None
+    if todo and spec.get("estimate", True):
+        from . import estimate
+        est = estimate.estimate(todo, dataset, progress=progress)
+        estimate.print_estimate(est, spec.get("budget_s"),
+                                spec.get("bench_budget_s", 0) if spec.get("bench_rounds") else 0)
     t0 = time.perf_counter()
     jobs = [executors.Job(f"{r['model']:<9} {r['label']:<13} {r['backend']:<5} "
                           f"seed {r['seed']}", r["config"], run_dir(out, r)) for r in todo]

@@ -68,6 +68,7 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False
     gradflow_batch: int = 32
+    augment: bool = True                 # the data set's random crop (and flip, where valid)
     model_options: Dict = field(default_factory=dict)
 
     @property
@@ -201,7 +202,9 @@ def evaluate(model, data: data_mod.Dataset, batch_size: int, channels_last: bool
 
 def prepare_data(config: TrainConfig, dataset: Optional[data_mod.Dataset] = None):
     dataset = dataset if dataset is not None else data_mod.load(config.data, config.data_dir)
-    return dataset.subset(config.subset, config.test_subset)
+    dataset = dataset.subset(config.subset, config.test_subset)
+    # without augmentation a batch is its images as they are: no crop offset, no flip
+    return dataset if config.augment else dataclasses.replace(dataset, crop_pad=0, flip=False)
 
 
 def build_model(config: TrainConfig, dataset: data_mod.Dataset) -> torch.nn.Module:

@@ -10,10 +10,12 @@ import pytest
 from bnorder import cli, report, study, train
 
 TINY = ["--models", "cnn", "--orders", "conv-bn-relu", "--seeds", "0,1", "--epochs", "2",
+        "--backends", "eager,fused",
         "--subset", "32",
         "--test-subset", "32", "--batch-size", "16", "--data", "synthetic", "--no-progress",
         "--lr", "0.05"]
-SECTIONS = ["# bnorder study: quick", "## Convergence", "## Final accuracy",
+SECTIONS = ["# bnorder study: quick", "## What the data can and cannot conclude",
+            "### Published figures", "## Convergence", "## Final accuracy",
             "### All pairs (Welch's t-test on final accuracy)", "## Time to accuracy",
             "## Throughput and BN tax", "## Gradient flow"]
 FIGURES = ["curves_epoch.png", "curves_wall.png", "final_accuracy.png",
@@ -27,20 +29,59 @@ def tiny_study(tmp_path_factory):
     return out
 
 
-def test_grid_of_the_quick_preset():
-    args = argparse.Namespace(preset="quick", **{k: None for k in (
+def _resolve(preset, **overrides):
+    args = argparse.Namespace(preset=preset, **{k: None for k in (
         "models", "orders", "norms", "seeds", "backends", "epochs", "subset", "test_subset",
         "batch_size", "data", "data_dir", "lr", "budget_s")})
-    runs = study.grid(study.resolve(args))
-    # 3 networks × (3 orders with bn + none) × (fused seeds 0, 1 + eager seed 0)
-    assert len(runs) == 3 * 4 * 3
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return study.resolve(args)
+
+
+def test_grid_of_the_quick_preset():
+    spec = _resolve("quick")
+    runs = study.grid(spec)
+    # 3 networks × (3 orders with bn + none) × fused seeds 0, 1; no eager training run
+    assert len(runs) == 3 * 4 * 2
+    assert {r["backend"] for r in runs} == {"fused"}
     assert {r["label"] for r in runs} == {"conv-bn-relu", "conv-relu-bn", "bn-conv-relu",
                                           "none"}
-    assert {r["seed"] for r in runs if r["backend"] == "eager"} == {0}
-    # tiers: fused seed 0 for every network, then eager seed 0, then fused seed 1
-    tiers = [(r["backend"], r["seed"]) for r in runs]
-    assert tiers == [("fused", 0)] * 12 + [("eager", 0)] * 12 + [("fused", 1)] * 12
+    # eager stays in the study as a measured backend (step times, BN tax, agreement)
+    assert "eager" in spec["backends"] and spec["bench_rounds"] >= 2
+    # tiers: seed 0 for every network, then seed 1
+    assert [r["seed"] for r in runs] == [0] * 12 + [1] * 12
     assert [r["model"] for r in runs][:12] == ["alexnet"] * 4 + ["vgg16"] * 4 + ["resnet20"] * 4
+    # every run trains at its network's width, channels_last, on ≥ 2 000 test images
+    for r in runs:
+        cfg = r["config"]
+        assert cfg.model_options == {"width": spec["widths"][r["model"]]}
+        assert cfg.channels_last and cfg.test_subset >= 2000 and cfg.data == "fashion-mnist"
+    # --seeds sets the trained backends' seeds; the measured-only one stays untrained
+    more = study.grid(_resolve("quick", seeds=[0, 1, 2]))
+    assert {r["backend"] for r in more} == {"fused"} and len(more) == 3 * 4 * 3
+    # backends named on the command line all train
+    both = study.grid(_resolve("quick", seeds=[0], backends=["eager", "fused"]))
+    assert sorted({r["backend"] for r in both}) == ["eager", "fused"] and len(both) == 24
+
+
+def test_cpu_preset_settles_something():
+    spec = _resolve("cpu")
+    runs = study.grid(spec)
+    assert spec["data"] == "fashion-mnist" and spec["subset"] is None
+    assert spec["test_subset"] is None and len(spec["seeds"]) >= 3
+    assert set(spec["widths"]) == set(spec["models"]) == {"alexnet", "vgg16", "resnet20"}
+    assert {r["backend"] for r in runs} == {"fused"} and "eager" in spec["backends"]
+    assert len(runs) == 3 * 4 * len(spec["seeds"])
+    assert "budget_s" not in spec
+
+
+def test_paper_preset_keeps_its_recipe():
+    args = dict(data_dir="/")
+    spec = _resolve("paper", **args)
+    cfg = study.grid(spec)[0]["config"]
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.schedule) == \
+        (164, 128, 0.1, 1e-4, "step")
+    assert cfg.model_options == {"width": 1.0}
 
 
 def test_report_files_and_sections(tiny_study):
@@ -86,7 +127,14 @@ def test_report_numbers_come_from_the_runs(tiny_study):
         assert _fmt_tax(cbr[f"tax_{backend}"]) in md
         # ... and each run's own throughput from its metrics
         assert cbr[f"run_img_s_{backend}"] == pytest.approx(16 / step("conv-bn-relu", backend))
-    # eager vs fused: the largest final-accuracy difference over the seeds both ran
+    # eager vs fused: the losses of the interleaved steps (same start, same batch) ...
+    for r in res["rows"]:
+        eager, fusd = (bench[f"cnn|{r['label']}|{b}"] for b in ("eager", "fused"))
+        assert len(eager["losses"]) == eager["rounds"] + 1       # the warm-up step too
+        assert r["agreement"] == max(abs(a - b) / abs(b) for a, b in
+                                     zip(eager["losses"], fusd["losses"]))
+        assert r["agreement"] < 1e-3 and f"{r['agreement']:.1e}" in md
+    # ... and the largest final-accuracy difference over the seeds both ran
     for r in res["rows"]:
         final = {(g["backend"], g["seed"]): g["rows"][-1]["test_acc"] for g in runs
                  if g["label"] == r["label"]}
@@ -120,6 +168,9 @@ def test_time_budget_stops_before_new_runs(tmp_path, capsys):
     spec = json.loads((tmp_path / "study.json").read_text())
     # the first run always starts; every later one is listed as not started
     assert "time budget" in out and len(spec["not_started"]) == 1
+    # the estimate came first and warned that the runs exceed the budget
+    assert out.index("estimated duration") < out.index("time budget of")
+    assert "exceeds the time budget" in out
     assert "the time budget stopped the study" in (tmp_path / "report.md").read_text()
 
 

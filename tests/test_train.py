@@ -181,3 +181,19 @@ def test_cli_missing_data(capsys, tmp_path):
                      "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "data_batch_1" in err and "test_batch" in err and "never downloaded" in err
+
+
+def test_without_augmentation_batches_are_the_images(synthetic):
+    """augment=False trains on the images as they are: each batch is its images, normalized,
+    in the epoch's random order; with augmentation the same images come shifted."""
+    plain = train.prepare_data(_config(augment=False), synthetic)
+    assert plain.crop_pad == 0 and not plain.flip
+    assert train.prepare_data(_config(), synthetic).crop_pad > 0     # the default augments
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(0))
+    x, y = next(data.train_batches(plain, 16, g))
+    assert torch.equal(y, plain.train_y[order[:16]])
+    assert torch.equal(x, data.normalize(plain.train_x[order[:16]], plain))
+    shifted = train.prepare_data(_config(), synthetic)
+    xa, _ = next(data.train_batches(shifted, 16, torch.Generator().manual_seed(0)))
+    assert not torch.equal(xa, x)
