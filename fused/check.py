@@ -17,7 +17,8 @@ float16/bfloat16 (DESIGN §6). The Triton backend is checked with both conv_impl
 Which backends: by default those the machine has — `cpp` for CPU tensors (or `reference` when
 the C++ extension is missing; its load error is printed), `triton` on a CUDA GPU.
 `--backend triton` without a GPU runs the Triton kernels in Triton's interpreter on CPU tensors
-(slow: use --quick).
+(slow: use --quick); the interpreter must be on from the process's start:
+`TRITON_INTERPRET=1 python -m fused.check --backend triton --quick`.
 
 `--gpu` (`bnorder check --gpu`) is the first thing to run on a GPU: the Triton backend on
 CUDA tensors in float64, float32, float16 and bfloat16, NCHW and channels_last, then a timing
@@ -93,17 +94,17 @@ def _backends(choice: str) -> List[str]:
 
 
 def _prepare_triton() -> Optional[str]:
-    """Without a GPU the Triton kernels need the interpreter, which must be switched on
-    before they are defined. Returns why Triton cannot run, or None."""
+    """Without a GPU the Triton kernels need the interpreter. Returns why Triton cannot run
+    here, or None. The interpreter cannot be switched on from inside this process: triton
+    reads TRITON_INTERPRET when triton.language defines its own jit helpers, and importing
+    fused (torch's custom-op support) has imported it already."""
     if torch.cuda.is_available():
-        return None
-    if "fused.triton.norm_kernels" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
         return None
     from .triton import _common
     if not _common.interpreting():
-        return ("no GPU, and the Triton kernels were imported without TRITON_INTERPRET=1; "
-                "rerun as TRITON_INTERPRET=1 python -m fused.check --backend triton")
+        return ("no GPU, and Triton's interpreter is off; it must be on before the process "
+                "imports triton: rerun as TRITON_INTERPRET=1 python -m fused.check --backend "
+                "triton --quick")
     return None
 
 
@@ -584,8 +585,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m fused.check") 
             timing.require_device("cuda")
         except timing.DeviceUnavailable as e:
             print(f"{prog} --gpu: {e}. The Triton kernels need a CUDA GPU; without one, "
-                  f"`python -m fused.check --backend triton --quick` runs them in Triton's "
-                  f"interpreter.", file=sys.stderr)
+                  f"`TRITON_INTERPRET=1 python -m fused.check --backend triton --quick` runs "
+                  f"them in Triton's interpreter.", file=sys.stderr)
             return 2
         return gpu_check(console, "cuda", quick=args.quick, timing=not args.no_timing,
                          layer=_layer(args.layer), dtype=TIMING_DTYPES[args.dtype])

@@ -138,3 +138,14 @@ def test_check_gpu_on_cuda_runs_the_gpu_path(monkeypatch, capsys):
                      "resnet20.stage3"]) == 0
     assert seen["device"] == "cuda" and seen["timing"] is False
     assert seen["dtype"] == torch.bfloat16 and seen["layer"].name == "resnet20.stage3"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_triton_backend_without_gpu_or_interpreter_says_how_to_run(monkeypatch, capsys):
+    """Triton's interpreter cannot be switched on once triton is imported (importing fused
+    does): the check must say how to rerun instead of failing every row with an
+    InterpreterError."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert check.main(["--backend", "triton", "--quick"]) == 1
+    out = capsys.readouterr().out
+    assert "TRITON_INTERPRET=1 python -m fused.check" in out and "0/1 checks passed" in out
