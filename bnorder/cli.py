@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="study folder (default runs/study-<preset>)")
     s.add_argument("--report-only", action="store_true",
                    help="only (re)write the report from the finished runs in --out")
+    s.add_argument("--estimate-only", action="store_true",
+                   help="time each configuration briefly, print the estimated duration of "
+                        "the runs not yet finished in --out, and stop")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--workers", type=_positive_int, default=1,
                    help="train N runs at once on this machine, each in its own process with "

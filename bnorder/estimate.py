@@ -9,7 +9,8 @@ for allocations and kernel selection). A run's estimate is then
     epochs × (steps per epoch × step + evaluation batches × evaluation batch) + set-up
 
 with set-up the measured model construction plus the two gradient-flow probes (one step on
-the probe batch each). The figure holds for the machine as loaded while it is measured: on
+the probe batch each). Two warm-up steps and one warm-up evaluation batch come first: the
+first calls of a fresh model allocate, select kernels and (in evaluation) fold the norms. The figure holds for the machine as loaded while it is measured: on
 a shared machine whose load changes, runs take correspondingly longer or shorter.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from . import data as data_mod
 from .train import build_model, prepare_data
 
 TIMED_STEPS = 3
+WARMUP = 2       # the first steps of a fresh model allocate and select kernels
 
 
 def _key(run: Dict) -> tuple:
@@ -43,10 +45,10 @@ def _time_config(config, dataset: data_mod.Dataset, steps: int) -> Dict:
     times = []
     batches = data_mod.train_batches(dataset, config.batch_size, generator,
                                      config.channels_last)
-    for i in range(steps + 1):
+    for i in range(steps + WARMUP):
         try:
             x, y = next(batches)
-        except StopIteration:       # a subset smaller than steps + 1 batches: start again
+        except StopIteration:       # a subset smaller than the timed batches: start again
             batches = data_mod.train_batches(dataset, config.batch_size, generator,
                                              config.channels_last)
             x, y = next(batches)
@@ -55,13 +57,14 @@ def _time_config(config, dataset: data_mod.Dataset, steps: int) -> Dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i:                       # step 0 is the warm-up
+        if i >= WARMUP:
             times.append(time.perf_counter() - t)
     eval_batch = max(config.batch_size, 256)      # what train.evaluate uses
     x, _ = next(data_mod.test_batches(dataset, eval_batch, config.channels_last))
     model.eval()
-    t = time.perf_counter()
     with torch.no_grad():
+        model(x)                    # the first evaluation-mode call folds and allocates
+        t = time.perf_counter()
         model(x)
     eval_s = (time.perf_counter() - t) * eval_batch / len(x)
     return {"step_s": statistics.median(times), "eval_s": eval_s, "build_s": build_s}

@@ -180,6 +180,16 @@ def machine() -> Dict:
             "fused_backend": fused.backend(), "extension_error": fused.extension_error()}
 
 
+def estimate_runs(spec: Dict, todo: List[Dict], dataset, progress: bool = True) -> Dict:
+    """Time each configuration of `todo` and print the estimated duration (bnorder.estimate)
+    of running them one after another, the step-time measurement's budget included."""
+    from . import estimate
+    est = estimate.estimate(todo, dataset, progress=progress)
+    estimate.print_estimate(est, spec.get("budget_s"),
+                            spec.get("bench_budget_s", 0) if spec.get("bench_rounds") else 0)
+    return est
+
+
 def run_study(spec: Dict, out: Path, progress: bool = True,
               execution: Optional[Dict] = None) -> Dict:
     """Train the runs of `spec` that are not finished, measure step times, write study.json.
@@ -193,10 +203,7 @@ def run_study(spec: Dict, out: Path, progress: bool = True,
           f"already finished)", flush=True)
     dataset = data_mod.load(spec["data"], spec.get("data_dir")) if todo else None
     if todo and spec.get("estimate", True):
-        from . import estimate
-        est = estimate.estimate(todo, dataset, progress=progress)
-        estimate.print_estimate(est, spec.get("budget_s"),
-                                spec.get("bench_budget_s", 0) if spec.get("bench_rounds") else 0)
+        estimate_runs(spec, todo, dataset, progress)
     t0 = time.perf_counter()
     jobs = [executors.Job(f"{r['model']:<9} {r['label']:<13} {r['backend']:<5} "
                           f"seed {r['seed']}", r["config"], run_dir(out, r)) for r in todo]
@@ -232,6 +239,14 @@ def main(args) -> int:
     from . import report
     spec = resolve(args)
     out = Path(args.out or f"runs/study-{args.preset}")
+    if getattr(args, "estimate_only", False):
+        todo = [r for r in grid(spec) if not is_done(run_dir(out, r), r["config"])]
+        if not todo:
+            print(f"study {spec['preset']}: every run in {out} is finished")
+            return 0
+        estimate_runs(spec, todo, data_mod.load(spec["data"], spec.get("data_dir")),
+                      progress=not args.no_progress)
+        return 0
     if args.report_only:
         if not (out / "study.json").exists():
             raise StudyError(f"{out}/study.json not found: run the study first")

@@ -46,3 +46,14 @@ def test_duration():
     assert [estimate.duration(s) for s in (12.4, 185, 7 * 3600 + 12 * 60 + 5)] == [
         "12 s", "3 min 05 s", "7 h 12 min"]
     assert estimate.duration(float("nan")) == "—"
+
+
+def test_estimate_only_prints_and_trains_nothing(tmp_path, capsys):
+    from bnorder import cli
+    assert cli.main(["study", "--models", "cnn", "--orders", "conv-bn-relu", "--seeds", "0",
+                     "--epochs", "1", "--subset", "32", "--test-subset", "32",
+                     "--batch-size", "16", "--data", "synthetic", "--no-progress",
+                     "--estimate-only", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "estimated duration" in out and "cnn" in out
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "study.json").exists()
