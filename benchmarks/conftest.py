@@ -80,12 +80,12 @@ def _interleaved(config) -> Interleaved:
     return config._bnorder_interleaved
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def interleaved(pytestconfig) -> Interleaved:
     return _interleaved(pytestconfig)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def device(pytestconfig) -> str:
     """The --device every case builds its modules and tensors on."""
     return pytestconfig.getoption("--device")
@@ -101,9 +101,9 @@ def machine_of(device: str, timer: timing.Timer) -> dict:
     return info
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def machine(pytestconfig, device) -> dict:
-    """Measured once per session."""
+    """Measured once per run (every suite lives in this package)."""
     return machine_of(device, _interleaved(pytestconfig).timer)
 
 

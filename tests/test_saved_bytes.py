@@ -1,5 +1,6 @@
-"""Saved-for-backward bytes, fused vs eager (issue 6's memory targets; deterministic, so
-asserted here on small shapes; benchmarks/test_memory.py reports them at full size)."""
+"""Saved-for-backward bytes, fused vs eager (the memory targets of benchmarks/targets.py;
+deterministic, so asserted here on small shapes; benchmarks/test_memory.py reports them at
+full size)."""
 import pytest
 
 import fused
