@@ -220,7 +220,7 @@ def render_units(rows: List[Dict], date: str = "") -> str:
               *[_pct(r["tax"][p]) for p in providers[1:]], *[_x(r[k]) for k in ratios]]
              for r in rows]
     runs = rows[0].get("runs", 1)
-    return "\n".join([f"# One unit, fused vs {' vs '.join(providers[1:])}, {date}", ""] + _section(
+    return "\n".join([f"# One unit: {' vs '.join(providers[1:])}, {date}", ""] + _section(
         "Unit step, median ms",
         ["shape", "order", "format", "mode", *[f"{p} ms" for p in providers],
          *[f"tax {p}" for p in providers[1:]], *[k.replace("_", " ") for k in ratios]], table,

@@ -22,8 +22,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-NETWORKS_SUITE = "benchmarks/test_networks.py (make bench)"
-MEMORY_SUITE = "benchmarks/test_memory.py (make bench)"
+NETWORKS_SUITE = ("networks suite, benchmarks/test_networks.py (make bench); ResNet-20 also "
+                  "make profile")
+MEMORY_SUITE = "memory suite, benchmarks/test_memory.py (make bench)"
 
 
 @dataclass(frozen=True)
