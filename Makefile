@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bnorder-setup
 
-.PHONY: setup test test-all clean data run bench profile
+.PHONY: setup test test-all test-triton-ends clean data run bench profile
 
 setup: $(STAMP) data
 
@@ -13,9 +13,12 @@ setup: $(STAMP) data
 data:
 	-@bnorder/install_data.sh
 
-$(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+# install_requirements.py takes the CUDA build of the pinned torch where nvidia-smi lists a
+# GPU (BNORDER_TORCH=cpu|cuda overrides), the pin as it is elsewhere.
+$(STAMP): requirements.txt setup.py pyproject.toml fused/_pins.py bnorder/install_requirements.py \
+          $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) bnorder/install_requirements.py
 	$(PY) -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import fused; assert fused.extension_error() is None, fused.extension_error()"
 	touch $(STAMP)
@@ -34,6 +37,22 @@ test: setup $(EXTRAS_STAMP)
 # Everything, including the long checks behind the `slow` marker.
 test-all: setup $(EXTRAS_STAMP)
 	$(PY) -m pytest -q -m ""
+
+# The Triton kernels in the interpreter on the other supported Triton end(s) (fused/_pins.py;
+# today triton 3.8.0, torch 2.14's), each in its own venv with the pinned torch: ≈ 4 min each.
+TRITON_ENDS = $(shell $(PYTHON) -c "import runpy; p = runpy.run_path('fused/_pins.py'); \
+	print(*sorted(set(p['TRITON_FOR_TORCH'].values()) - {p['TRITON']}))")
+test-triton-ends: setup
+	@for v in $(TRITON_ENDS); do \
+	  venv=.venv-triton-$$v; \
+	  test -x $$venv/bin/python || $(PYTHON) -m venv $$venv || exit 1; \
+	  grep -v '^triton==' requirements.txt > $$venv/requirements.txt; \
+	  $$venv/bin/python -m pip install --disable-pip-version-check -q -r $$venv/requirements.txt \
+	    && $$venv/bin/python -m pip install --disable-pip-version-check -q --no-deps triton==$$v \
+	    || exit 1; \
+	  echo "triton $$v: TRITON_INTERPRET=1 FUSED_BACKEND=triton pytest tests/triton"; \
+	  TRITON_INTERPRET=1 FUSED_BACKEND=triton $$venv/bin/python -m pytest tests/triton -q || exit 1; \
+	done
 
 # The study's quick preset on Fashion-MNIST (≤ 15 minutes on 2 cores, set-up included: the time
 # set-up took comes off the study's 600 s training budget); prints the table and report path.
@@ -66,4 +85,4 @@ profile: setup
 	$(if $(CANONICAL),$(PY) -m benchmarks.report $(BENCH_OUT)-profile.json --canonical)
 
 clean:
-	rm -rf $(VENV) build *.egg-info fused/_C*.so
+	rm -rf $(VENV) .venv-triton-* build *.egg-info fused/_C*.so
