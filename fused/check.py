@@ -35,7 +35,7 @@ import argparse
 import contextlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional
 
@@ -321,18 +321,22 @@ class TimingRow:
     bytes: float                   # compulsory bytes (fused.triton.roofline)
     flops: float
     bound_s: Optional[float]       # roofline time at the GPU's published peaks; None: unknown GPU
+    errors: Dict[str, str] = field(default_factory=dict)   # provider -> why it was not timed
 
-    def achieved(self, provider: str = "fused") -> tuple:
-        t = self.seconds[provider]
-        return self.bytes / t / 1e9, self.flops / t / 1e12
+    def achieved(self, provider: str = "fused") -> Optional[tuple]:
+        """(GB/s, TFLOP/s) of `provider`, None when it was not timed."""
+        t = self.seconds.get(provider)
+        return None if t is None else (self.bytes / t / 1e9, self.flops / t / 1e12)
 
     @property
     def share(self) -> Optional[float]:
-        return None if self.bound_s is None else self.bound_s / self.seconds["fused"]
+        if self.bound_s is None or "fused" not in self.seconds:
+            return None
+        return self.bound_s / self.seconds["fused"]
 
     def ratio(self, provider: str) -> Optional[float]:
         """provider time / fused time (> 1: fused is faster)."""
-        if provider not in self.seconds:
+        if provider not in self.seconds or "fused" not in self.seconds:
             return None
         return self.seconds[provider] / self.seconds["fused"]
 
@@ -378,9 +382,16 @@ def timing_table(layer, dtype: torch.dtype, device: str, timer, *, backend: str 
 
     def timed(kind, name, fns, kernels):
         step(f"{kind} {name}")
-        seconds = {p: timer.seconds(fn) for p, fn in fns.items() if p in providers}
+        seconds, errors = {}, {}
+        for p, fn in fns.items():
+            if p not in providers:
+                continue
+            try:   # a kernel that fails to compile or launch is a reported row, not a crash
+                seconds[p] = timer.seconds(fn)
+            except Exception as exc:
+                errors[p] = f"{type(exc).__name__}: {exc}"[:160]
         rows.append(TimingRow(kind, name, seconds, *_roofline_cost(kernels, layer, dtype,
-                                                                     gpu, tf32)))
+                                                                     gpu, tf32), errors))
 
     gen = torch.Generator(device=device).manual_seed(0)
     t = torch.randn(layer.n, layer.o, layer.p, layer.q, device=device, dtype=dtype,
@@ -512,11 +523,14 @@ def _print_timing(console, rows: List[TimingRow], layer, dtype: torch.dtype, dev
         return "-" if r is None else f"{r:.2f}x"
 
     for r in rows:
-        gbps, tflops = r.achieved()
+        rates = r.achieved()
         table.add_row(r.kind, r.name, ms(r, "fused"), ms(r, "eager"), ms(r, "compile"),
-                      f"{gbps:.3g}", f"{tflops:.3g}" if r.flops else "-",
+                      "-" if rates is None else f"{rates[0]:.3g}",
+                      f"{rates[1]:.3g}" if rates and r.flops else "-",
                       "-" if r.share is None else f"{100 * r.share:.2g}%",
                       ratio(r, "eager"), ratio(r, "compile"))
+        for provider, error in r.errors.items():
+            table.add_row("", f"[red]{provider} FAILED[/] {error}", *[""] * 8)
     table.caption = (
         "roofline: the time the compulsory bytes and FLOPs (fused.triton.roofline) take at the "
         "GPU's published peaks over the measured fused time; copy row: a clone's share"
@@ -570,6 +584,10 @@ def gpu_check(console, device: str = "cuda", timer=None, *, backend: str = "trit
                                  progress=step)
         _print_timing(console, trows, layer, dtype, gpu_name,
                       roofline.gpu_named(gpu_name) is not None)
+        untimed = [r for r in trows if r.errors]
+        if untimed:
+            console.print(f"[red]{len(untimed)} timing rows failed[/] (see the table)")
+            failed += len(untimed)
     return 1 if failed else 0
 
 

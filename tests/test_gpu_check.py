@@ -149,3 +149,18 @@ def test_triton_backend_without_gpu_or_interpreter_says_how_to_run(monkeypatch, 
     assert check.main(["--backend", "triton", "--quick"]) == 1
     out = capsys.readouterr().out
     assert "TRITON_INTERPRET=1 python -m fused.check" in out and "0/1 checks passed" in out
+
+
+def test_a_kernel_failing_in_the_timing_is_a_reported_row(monkeypatch):
+    """A fused kernel that raises when timed (a compile or launch error on a GPU) leaves its
+    row without fused figures, names the error, the other rows are still timed, and the exit
+    status is 1."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(_backend._reference, "backward_reduce", broken)
+    status, text, _, _ = _run(dtypes=(torch.float32,), orders=("bn-conv-relu",), quick=True)
+    assert status == 1
+    assert "fused FAILED RuntimeError: out of resource: shared memory" in text
+    assert "2 timing rows failed" in text   # the primitive and the unit backward using it
+    assert "backward_apply (reference)" in text and "bn-conv-relu fwd+bwd" in text
