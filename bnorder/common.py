@@ -81,8 +81,10 @@ def run_dir(out: Path, run: Dict) -> Path:
 
 def network_settings(spec: Dict, model: str) -> Dict:
     """The TrainConfig fields a study sets per network: its width (`widths` maps network →
-    channel multiplier; absent networks keep 1.0) and the memory format. The study's runs
-    and its step-time measurement both build their networks from these."""
+    channel multiplier; absent networks keep 1.0), its learning rate (`lrs` maps network →
+    lr; absent networks take `lr`) and the memory format. The study's runs and its
+    step-time measurement both build their networks from these."""
     width = spec.get("widths", {}).get(model, 1.0)
     return {"channels_last": bool(spec.get("channels_last", False)),
-            "model_options": {"width": width}}
+            "model_options": {"width": width},
+            "lr": spec.get("lrs", {}).get(model, spec["lr"])}

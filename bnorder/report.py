@@ -321,6 +321,8 @@ def _sections(spec: Dict, res: Dict, figures: Dict, n_runs: int, n_done: int) ->
     hp = ", ".join(f"{k} {spec.get(k)}" for k in ("data", "epochs", "subset", "test_subset",
                                                   "batch_size", "lr", "momentum",
                                                   "weight_decay", "schedule"))
+    hp += "".join(f", {k} {spec[k]}" for k in ("lrs", "widths", "augment", "channels_last")
+                  if k in spec)
     m = spec.get("machine", {})
     s = [("h1", f"bnorder study: {spec.get('preset')}"),
          ("p", spec.get("description", "")),

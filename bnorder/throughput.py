@@ -69,7 +69,7 @@ def measure(spec: Dict, dataset: data_mod.Dataset, configs: List[tuple],
         for label, order, norm, backend in cells:
             torch.manual_seed(0)
             cfg = TrainConfig(model=model, order=order, norm=norm, fused=backend == "fused",
-                              data=spec["data"], **settings[model])
+                              data=spec["data"], **dict(settings[model], lr=1e-3))
             net = build_model(cfg, dataset).train()
             opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=spec["momentum"],
                                   weight_decay=spec["weight_decay"])

@@ -56,6 +56,10 @@ def test_grid_of_the_quick_preset():
         cfg = r["config"]
         assert cfg.model_options == {"width": spec["widths"][r["model"]]}
         assert cfg.channels_last and cfg.test_subset >= 2000 and cfg.data == "fashion-mnist"
+        assert cfg.lr == spec["lrs"].get(r["model"], spec["lr"]) and not cfg.augment
+    assert {r["config"].lr for r in runs} == {0.05, 0.1}
+    # --lr sets every network's learning rate
+    assert {r["config"].lr for r in study.grid(_resolve("quick", lr=0.02))} == {0.02}
     # --seeds sets the trained backends' seeds; the measured-only one stays untrained
     more = study.grid(_resolve("quick", seeds=[0, 1, 2]))
     assert {r["backend"] for r in more} == {"fused"} and len(more) == 3 * 4 * 3
