@@ -72,7 +72,8 @@ def test_untested_names_the_problem():
     assert _pins.untested("2.13.0+cpu", "3.7.1") is None
     assert _pins.untested("2.14.1+cu128", "3.8.0") is None
     assert _pins.untested("2.13.0", None) is None
-    assert "triton 3.7.1" in _pins.untested("2.13.0", "3.8.0")
+    assert _pins.untested("2.13.0+cpu", "3.8.0") is None  # the interpreter's other end
+    assert "requires 3.7.1" in _pins.untested("2.13.0", "3.9.0")
     assert "outside the tested range" in _pins.untested("2.15.0", "3.9.0")
     assert "outside the tested range" in _pins.untested("2.12.1", "3.6.0")
 

@@ -11,3 +11,16 @@
 
 Kernel design, bytes moved and expected GPU figures: README.md in this folder.
 """
+
+import warnings as _warnings
+
+import torch as _torch
+import triton as _triton
+
+from .._pins import untested as _untested
+
+# A pair outside fused/_pins.py may work, but nothing here was tested on it.
+_problem = _untested(_torch.__version__, _triton.__version__)
+if _problem:
+    _warnings.warn(f"fused.triton: {_problem}; the kernels may still work, untested",
+                   stacklevel=2)
