@@ -94,6 +94,24 @@ class Geometry:
         return self.s_channel == 1 and self.inner > 1
 
 
+INT32_LIMIT = 2 ** 31
+
+
+def check_index_range(op: str, *tensors: Tensor) -> None:
+    """The kernels form row indices (n, h, w) and offsets inside one image in int32 and
+    only the per-image base in int64: refuse what would wrap instead of reading wrong
+    addresses (the interpreter would not show it)."""
+    for t in tensors:
+        if t.dim() < 2 or t.numel() == 0:
+            continue
+        rows, per_image = t.numel() // t.shape[1], t.numel() // t.shape[0]
+        if rows >= INT32_LIMIT or per_image >= INT32_LIMIT:
+            raise ValueError(
+                f"{op}: a tensor of size {tuple(t.shape)} has {rows} positions N·H·W and "
+                f"{per_image} elements per sample; the Triton kernels index both in int32 "
+                f"(limit 2^31 − 1): split the batch, or use FUSED_BACKEND=cpp")
+
+
 def geometry(t: Tensor, op: str) -> Geometry:
     if t.dim() < 2:
         raise ValueError(f"{op}: expected a tensor with a channel dimension (N, C, ...), got "
@@ -101,6 +119,7 @@ def geometry(t: Tensor, op: str) -> Geometry:
     n, c = t.shape[0], t.shape[1]
     if c == 0:
         raise ValueError(f"{op}: the tensor has no channels (size {tuple(t.shape)})")
+    check_index_range(op, t)
     s = t.numel() // (n * c) if n else 0
     if t.is_contiguous() and (t.dim() == 2 or s == 1):
         return Geometry(1, n * s, c, 0, c, 1)

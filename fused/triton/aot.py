@@ -63,15 +63,53 @@ EXTRA_LAYERS = (
 )
 
 
+def _is_jit(value) -> bool:
+    """A @triton.jit function: a JITFunction, or under TRITON_INTERPRET its interpreter
+    stand-in."""
+    from triton.runtime.jit import JITFunction, KernelInterface
+    return isinstance(value, JITFunction) or (isinstance(value, KernelInterface)
+                                              and hasattr(value, "fn"))
+
+
 def jit_kernels() -> Dict[str, object]:
     """Every @triton.jit function of the kernel modules, by name (helpers included)."""
-    import triton
     found = {}
     for module in KERNEL_MODULES:
         for name, value in vars(module).items():
-            if isinstance(value, triton.runtime.JITFunction):
+            if _is_jit(value) and value.fn.__module__ == module.__name__:
                 found[name] = value
     return found
+
+
+def package_jit_functions() -> Dict[str, str]:
+    """Every @triton.jit function defined anywhere in fused.triton: {name: module}. The
+    coverage test compares it with what the sweep compiles."""
+    import importlib
+    import pkgutil
+
+    import fused.triton as package
+    found = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, value in vars(module).items():
+            if _is_jit(value) and value.fn.__module__ == module.__name__:
+                found[name] = module.__name__
+    return found
+
+
+def called_helpers(kernel_names: Iterable[str]) -> set:
+    """The @triton.jit helpers these kernels call, directly or through other helpers
+    (read from the source: a helper is compiled into every kernel that calls it)."""
+    import inspect
+    functions = jit_kernels()
+    seen, todo = set(), list(kernel_names)
+    while todo:
+        source = inspect.getsource(functions[todo.pop()].fn)
+        for name in functions:
+            if name not in seen and re.search(rf"\b{name}\(", source):
+                seen.add(name)
+                todo.append(name)
+    return seen - set(kernel_names)
 
 
 def launched_kernels() -> List[str]:
@@ -312,6 +350,28 @@ def _weight(variant: Variant) -> tuple:
     return volume, kw.get("R", 1) * kw.get("S", 1), work
 
 
+def by_launch_parameters(launches: Sequence[Launch], archs: Sequence[int]) -> List[Variant]:
+    """Launches grouped by kernel, keyword arguments, dtype and layout, not yet bound (the
+    integer specializations inside a group are not told apart): what --quick selects from
+    without paying for the binding of every launch."""
+    out: Dict[tuple, Variant] = {}
+    for launch in launches:
+        for arch in archs:
+            key = (launch.kernel, arch, tuple(sorted(launch.kwargs.items())), launch.dtype,
+                   launch.tf32, launch.context.rsplit(" ", 1)[-1])
+            if key not in out:
+                out[key] = Variant(launch.kernel, launch.module, arch, {}, {}, {}, {})
+            out[key].launches.append(launch)
+    return list(out.values())
+
+
+def bound(variant: Variant) -> Variant:
+    """The variant with the signature, constexprs and attributes of its first launch."""
+    signature, constexprs, attrs, options = bind(variant.launches[0], variant.arch)
+    return Variant(variant.kernel, variant.module, variant.arch, signature, constexprs, attrs,
+                   options, list(variant.launches))
+
+
 def quick_subset(todo: Sequence[Variant]) -> List[Variant]:
     """A covering subset for CI: per kernel and target, the heaviest variant of every dtype,
     then, greedily, variants until every value of every launch parameter (block sizes,
@@ -550,14 +610,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     console = Console(width=max(Console().width, 160))
     layers = args.layers or [*roofline.LAYERS.values(), *EXTRA_LAYERS]
     launches = record_launches(layers)
-    todo = variants(launches, args.arch)
-    everything = len(todo)
+    targets = ", ".join(f"sm_{a}" for a in args.arch)
     if args.quick:
-        todo = quick_subset(todo)
+        groups = by_launch_parameters(launches, args.arch)
+        todo = [bound(v) for v in quick_subset(groups)]
+        found = (f"{len(groups)} distinct launch parameter sets for {targets}; compiling the "
+                 f"covering subset of {len(todo)}")
+    else:
+        todo = variants(launches, args.arch)
+        found = f"{len(todo)} distinct compiles for {targets}"
     console.print(f"triton {triton.__version__}: {len(launches)} launches recorded at "
-                  f"{len(layers)} layer shapes → {everything} distinct compiles for "
-                  f"{', '.join(f'sm_{a}' for a in args.arch)}"
-                  + (f"; compiling the covering subset of {len(todo)}" if args.quick else ""))
+                  f"{len(layers)} layer shapes → {found}")
     cache = tempfile.mkdtemp(prefix="bnorder-aot-")
     os.environ["TRITON_CACHE_DIR"] = cache
     start = time.perf_counter()

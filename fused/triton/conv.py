@@ -78,6 +78,23 @@ INTERPRETER_MAX_CHANNELS = 128
 GPU_MAX_ROWS = 64
 
 
+# GPU reduction block (input channels forward, output channels for the input gradient, rows
+# (n, p, q) for the weight gradient) and pipeline. Found with `python -m fused.triton.aot`:
+# at 64 × 64 × 32 with 4 warps and 3 stages every float32/float64 variant and the float16
+# NCHW ones spilled at 255 registers (up to 2.3 KB of spill stores), and the float64 weight
+# gradient needed 225 KB of shared memory (over the A100's 163 KB). A K-block of 16 with
+# 8 warps and 2 stages compiles without spills (float64: 1 stage, its tiles are twice as
+# wide); the 64 × 64 output tile is kept, so each operand is still read once per tile.
+GPU_MAX_K = 16
+
+
+def _pipeline(dtype: torch.dtype, gpu: bool) -> Dict[str, int]:
+    """num_warps / num_stages of a GPU convolution launch (the interpreter takes none)."""
+    if not gpu:
+        return {}
+    return dict(num_warps=8, num_stages=1 if dtype == torch.float64 else 2)
+
+
 def _block(n: int, gpu: bool, gpu_cap: int, interp_cap: int) -> int:
     """Power-of-two block ≥ 16 (tl.dot's minimum) covering n up to the cap."""
     return max(16, min(triton.next_power_of_2(max(n, 1)), gpu_cap if gpu else interp_cap))
@@ -119,7 +136,7 @@ def forward_config(n: int, c: int, o: int, p: int, q: int, dtype: torch.dtype,
     block_n = _channels_block(o, gpu, 64)
     return Launch((triton.cdiv(n * p * q, block_m), triton.cdiv(o, block_n)),
                   dict(PRECISION=precision(dtype, gpu), BLOCK_M=block_m, BLOCK_N=block_n,
-                       BLOCK_K=_channels_block(c, gpu, 32)))
+                       BLOCK_K=_channels_block(c, gpu, GPU_MAX_K), **_pipeline(dtype, gpu)))
 
 
 def input_grad_config(n: int, c: int, h: int, w: int, o: int, dtype: torch.dtype,
@@ -129,7 +146,7 @@ def input_grad_config(n: int, c: int, h: int, w: int, o: int, dtype: torch.dtype
     block_n = _channels_block(c, gpu, 64)
     return Launch((triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_n)),
                   dict(PRECISION=precision(dtype, gpu), BLOCK_M=block_m, BLOCK_N=block_n,
-                       BLOCK_K=_channels_block(o, gpu, 32)))
+                       BLOCK_K=_channels_block(o, gpu, GPU_MAX_K), **_pipeline(dtype, gpu)))
 
 
 def weight_grad_config(n: int, c: int, o: int, r: int, s: int, p: int, q: int,
@@ -138,14 +155,15 @@ def weight_grad_config(n: int, c: int, o: int, r: int, s: int, p: int, q: int,
     rows = n * p * q
     block_m = _channels_block(o, gpu, 64)
     block_n = _channels_block(c, gpu, 64)
-    block_k = _rows_block(rows, gpu)
+    block_k = _block(rows, gpu, GPU_MAX_K, INTERPRETER_MAX_ROWS)
     tiles = triton.cdiv(o, block_m) * triton.cdiv(c, block_n) * r * s
     split = wgrad_splits(rows, tiles, block_k, gpu)
     per_split = triton.cdiv(triton.cdiv(max(rows, 1), split), block_k) * block_k
     split = triton.cdiv(max(rows, 1), per_split)
     return Launch((triton.cdiv(o, block_m), triton.cdiv(c, block_n), r * s * split),
                   dict(PRECISION=precision(dtype, gpu), BLOCK_M=block_m, BLOCK_N=block_n,
-                       BLOCK_K=block_k), rows_per_split=per_split, splits=split)
+                       BLOCK_K=block_k, **_pipeline(dtype, gpu)), rows_per_split=per_split,
+                  splits=split)
 
 
 def output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, int]:
@@ -181,6 +199,7 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequ
     p, q = output_size(x, weight, stride, padding, dilation)
     y = torch.empty((n, o, p, q), dtype=x.dtype, device=x.device,
                     memory_format=_common.memory_format(x))
+    _common.check_index_range("conv_forward", x, y)
     launch = forward_config(n, c, o, p, q, x.dtype, _common.gpu_launch(x))
     parts = [torch.empty((launch.grid[0], o) if stats_mode else (1,), dtype=acc,
                          device=x.device) for _ in range(4)]
@@ -225,6 +244,7 @@ def conv_input_grad(grad: Tensor, weight: Tensor, x: Tensor, stride, padding, di
     o, _, r, s = weight.shape
     p, q = grad.shape[2:]
     dx = torch.empty_like(x, memory_format=_common.memory_format(x))
+    _common.check_index_range("conv_input_grad", grad, x)
     launch = input_grad_config(n, c, h, w, o, x.dtype, _common.gpu_launch(x))
     reduce = reduce_mean is not None
     if reduce and x.stride() != dx.stride():
@@ -254,6 +274,7 @@ def conv_weight_grad(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, d
     n, c, h, w = x.shape
     o, _, r, s = weight.shape
     p, q = grad.shape[2:]
+    _common.check_index_range("conv_weight_grad", grad, x)
     launch = weight_grad_config(n, c, o, r, s, p, q, x.dtype, _common.gpu_launch(x))
     # Slices of the long reduction are summed in a fixed order below: deterministic.
     split = launch.splits

@@ -26,6 +26,13 @@ name = "triton"
 _MERGE_BLOCK_P = 64
 
 
+def merge_block_c(c: int, gpu: bool) -> int:
+    """Channels per program of the (P, C) merge kernels. On a GPU 32: a 64 × 128 tile of
+    three float64 partials needs 255 registers per thread and spills (fused.triton.aot);
+    64 × 32 does not. The interpreter keeps 128 (fewer, larger programs)."""
+    return min(triton.next_power_of_2(c), 32 if gpu else 128)
+
+
 def _check_vector(v: Tensor, what: str, t: Tensor, op: str) -> None:
     c = t.shape[1]
     if not isinstance(v, Tensor) or v.dim() != 1 or v.shape[0] != c:
@@ -78,7 +85,7 @@ def merge_moments(cnt: Tensor, pivot: Tensor, mean: Tensor, m2: Tensor
     p, c = cnt.shape
     out_mean = torch.empty(c, dtype=mean.dtype, device=mean.device)
     out_var = torch.empty_like(out_mean)
-    block_c = min(triton.next_power_of_2(c), 128)
+    block_c = merge_block_c(c, _common.gpu_launch(cnt))
     K.merge_moments_kernel[(triton.cdiv(c, block_c),)](
         cnt, pivot, mean, m2, out_mean, out_var, p, c, BLOCK_P=_MERGE_BLOCK_P,
         BLOCK_C=block_c)
@@ -90,7 +97,7 @@ def sum_partials(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     p, c = a.shape
     out_a = torch.empty(c, dtype=a.dtype, device=a.device)
     out_b = torch.empty_like(out_a)
-    block_c = min(triton.next_power_of_2(c), 128)
+    block_c = merge_block_c(c, _common.gpu_launch(a))
     K.sum_partials_kernel[(triton.cdiv(c, block_c),)](
         a, b, out_a, out_b, p, c, BLOCK_P=_MERGE_BLOCK_P, BLOCK_C=block_c)
     return out_a, out_b
