@@ -213,3 +213,49 @@ def share(measured_seconds: float, cost: Cost, gpu: Optional[Peak], dtype: torch
     if not measured_seconds > 0:
         raise ValueError(f"measured time must be positive, got {measured_seconds}")
     return bound_seconds(cost, gpu, dtype, tf32) / measured_seconds
+
+
+# The kernels of one training step of a unit, with the flags the fused path launches them
+# with (conv-bn-relu on the fused convolution: stats in the forward epilogue, dy formed on
+# load in both backward convolutions).
+UNIT_KERNELS = (
+    ("conv_fwd_kernel", dict(stats=True)),
+    ("apply_kernel", {}),
+    ("backward_reduce_kernel", {}),
+    ("conv_dgrad_kernel", dict(prologue=1)),
+    ("conv_wgrad_kernel", dict(prologue=1)),
+)
+
+
+def rows(dtypes=(torch.bfloat16, torch.float32)):
+    """(layer, kernel, dtype, MB, GFLOP, H100 µs, A100 µs, bound) for every stated layer."""
+    out = []
+    for layer in LAYERS.values():
+        for dtype in dtypes:
+            for kernel, flags in UNIT_KERNELS:
+                cost = kernel_cost(kernel, layer, dtype, **flags)
+                times = [bound_seconds(cost, GPUS[g], dtype, tf32=dtype == torch.float32)
+                         * 1e6 for g in ("H100", "A100")]
+                out.append((layer, kernel, dtype, cost.bytes / 1e6, cost.flops / 1e9, *times,
+                            bound_by(cost, GPUS["H100"], dtype, tf32=dtype == torch.float32)))
+    return out
+
+
+def main() -> None:
+    """`python -m fused.triton.roofline`: the table, labelled compiled, not run."""
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="Roofline on paper at published peaks (compiled, not run; float32 "
+                        "as TF32)")
+    for col in ("layer", "shape", "kernel", "dtype", "MB", "GFLOP", "H100 µs", "A100 µs",
+                "H100 bound"):
+        table.add_column(col, justify="right" if col in ("MB", "GFLOP", "H100 µs",
+                                                          "A100 µs") else "left")
+    for layer, kernel, dtype, mb, gf, h100, a100, bound in rows():
+        table.add_row(layer.name, layer.describe(), kernel, str(dtype).replace("torch.", ""),
+                      f"{mb:.1f}", f"{gf:.2f}", f"{h100:.1f}", f"{a100:.1f}", bound)
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()
