@@ -154,6 +154,7 @@ _BN_PASSES = {"stats_partial_kernel": 1, "apply_kernel": 2, "backward_reduce_ker
               "backward_apply_kernel": 3}
 # (P, C) buffers each merge kernel reads: four moments or two sums.
 _MERGE_BUFFERS = {"merge_moments_kernel": 4, "sum_partials_kernel": 2}
+_CONV_KERNELS = ("conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel")
 
 
 def kernel_cost(kernel: str, layer: Layer, dtype: torch.dtype, *, norm_side: str = "output",
@@ -187,8 +188,8 @@ def kernel_cost(kernel: str, layer: Layer, dtype: torch.dtype, *, norm_side: str
     if kernel == "conv_wgrad_kernel":
         saved = y if prologue in (1, 2) else 0
         return Cost(y + saved + x + layer.w_elems * acc, layer.conv_flops, dot_flops=True)
-    raise KeyError(f"no roofline for kernel {kernel!r}; known: "
-                   f"{sorted([*_BN_PASSES, *_MERGE_BUFFERS, 'conv_fwd_kernel', 'conv_dgrad_kernel', 'conv_wgrad_kernel'])}")
+    known = sorted([*_BN_PASSES, *_MERGE_BUFFERS, *_CONV_KERNELS])
+    raise KeyError(f"no roofline for kernel {kernel!r}; known: {known}")
 
 
 def bound_seconds(cost: Cost, gpu: Peak, dtype: torch.dtype, tf32: bool = False) -> float:

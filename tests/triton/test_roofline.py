@@ -48,3 +48,10 @@ def test_share_and_gpu_lookup():
         R.share(0.0, cost, a100, torch.float32)
     with pytest.raises(KeyError, match="no roofline"):
         R.kernel_cost("unknown_kernel", R.LAYERS["resnet20.stage1"], torch.float32)
+
+
+def test_every_launched_kernel_has_a_roofline():
+    from fused.triton import aot
+    layer = R.LAYERS["resnet20.stage1"]
+    for kernel in aot.launched_kernels():
+        assert R.kernel_cost(kernel, layer, torch.float32).bytes > 0, kernel
