@@ -23,14 +23,16 @@ from torch import Tensor
 from . import _common, norm_kernels as K
 
 name = "triton"
-_MERGE_BLOCK_P = 64
 
 
-def merge_block_c(c: int, gpu: bool) -> int:
-    """Channels per program of the (P, C) merge kernels. On a GPU 32: a 64 × 128 tile of
-    three float64 partials needs 255 registers per thread and spills (fused.triton.aot);
-    64 × 32 does not. The interpreter keeps 128 (fewer, larger programs)."""
-    return min(triton.next_power_of_2(c), 32 if gpu else 128)
+def merge_blocks(c: int, gpu: bool) -> dict:
+    """BLOCK_P (partial rows per step) and BLOCK_C (channels per program) of the (P, C)
+    merge kernels. On a GPU 32 × 32: at 64 × 128 three float64 partials need 255 registers
+    per thread and spill, and triton 3.8 still spills a few bytes at 64 × 32 on sm_90
+    (fused.triton.aot); 32 × 32 compiles without. The interpreter keeps 64 × 128 (fewer,
+    larger programs)."""
+    return dict(BLOCK_P=32 if gpu else 64,
+                BLOCK_C=min(triton.next_power_of_2(c), 32 if gpu else 128))
 
 
 def _check_vector(v: Tensor, what: str, t: Tensor, op: str) -> None:
@@ -85,10 +87,9 @@ def merge_moments(cnt: Tensor, pivot: Tensor, mean: Tensor, m2: Tensor
     p, c = cnt.shape
     out_mean = torch.empty(c, dtype=mean.dtype, device=mean.device)
     out_var = torch.empty_like(out_mean)
-    block_c = merge_block_c(c, _common.gpu_launch(cnt))
-    K.merge_moments_kernel[(triton.cdiv(c, block_c),)](
-        cnt, pivot, mean, m2, out_mean, out_var, p, c, BLOCK_P=_MERGE_BLOCK_P,
-        BLOCK_C=block_c)
+    blocks = merge_blocks(c, _common.gpu_launch(cnt))
+    K.merge_moments_kernel[(triton.cdiv(c, blocks["BLOCK_C"]),)](
+        cnt, pivot, mean, m2, out_mean, out_var, p, c, **blocks)
     return out_mean, out_var
 
 
@@ -97,9 +98,9 @@ def sum_partials(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     p, c = a.shape
     out_a = torch.empty(c, dtype=a.dtype, device=a.device)
     out_b = torch.empty_like(out_a)
-    block_c = merge_block_c(c, _common.gpu_launch(a))
-    K.sum_partials_kernel[(triton.cdiv(c, block_c),)](
-        a, b, out_a, out_b, p, c, BLOCK_P=_MERGE_BLOCK_P, BLOCK_C=block_c)
+    blocks = merge_blocks(c, _common.gpu_launch(a))
+    K.sum_partials_kernel[(triton.cdiv(c, blocks["BLOCK_C"]),)](
+        a, b, out_a, out_b, p, c, **blocks)
     return out_a, out_b
 
 
