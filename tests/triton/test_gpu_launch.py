@@ -84,7 +84,7 @@ def test_configs_differ_between_gpu_and_interpreter():
     gpu = C.weight_grad_config(2, 20, 70, 3, 3, 11, 11, torch.float32, gpu=True)
     interp = C.weight_grad_config(2, 20, 70, 3, 3, 11, 11, torch.float32, gpu=False)
     assert gpu.splits > 1 and interp.splits == 1
-    assert gpu.meta["BLOCK_K"] <= 64 and interp.meta["BLOCK_K"] == 1024
+    assert gpu.meta["BLOCK_K"] <= 64 and interp.meta["BLOCK_K"] >= 2 * 11 * 11  # one block
     fwd = C.forward_config(2, 20, 70, 11, 11, torch.float32, gpu=True)
     assert fwd.grid == (4, 2) and fwd.meta["BLOCK_K"] < 20  # several K iterations
     assert C.forward_config(2, 20, 70, 11, 11, torch.float16, gpu=True).meta["PRECISION"] \
