@@ -111,10 +111,10 @@ def _conv_norm_backward_impl(grad: Tensor, x: Tensor, weight: Tensor, bias: Opti
                                                     weight.shape[0], x)
         g = (torch.ops.aten.threshold_backward(grad, out, 0) if relu_mode == RELU_AFTER
              else grad)
-        dx, wgrad, sum_g = _conv.conv_backward(
+        dx, wgrad, _ = _conv.conv_backward(
             g, x, _conv.scale_out_channels(weight, scale), stride, padding, dilation, groups,
-            [conv_mask[0], True, True])
-        sum_g = sum_g.to(scale.dtype)
+            [conv_mask[0], True, False])
+        sum_g = _conv.channel_sum(g).to(scale.dtype)
         wgrad_acc = wgrad.to(scale.dtype)
         dweight = _conv.scale_out_channels(wgrad, scale)
         dbias = (scale * sum_g).to(x.dtype) if conv_mask[2] else None
