@@ -176,7 +176,9 @@ def _train(args) -> int:
         data=args.data or "fashion-mnist", data_dir=args.data_dir, subset=args.subset,
         test_subset=args.test_subset, compile=args.compile, channels_last=args.channels_last,
         augment=not args.no_augment,
-        model_options={"width": args.width})
+        # width 1.0 is the network's default: left out, so the configuration (and the run
+        # folder it resumes) is that of a run without --width
+        model_options={} if args.width == 1.0 else {"width": args.width})
     from . import distributed
     if args.sync_bn and not args.ddp:
         raise train.TrainError("--sync-bn needs --ddp (and torchrun)")
