@@ -127,36 +127,40 @@ def test_parameter_grads_without_input_grad(order, norm, training):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"d{name}: {m}")
 
 
-@pytest.mark.parametrize("norm", ["bn", "bn-minus"])
-@pytest.mark.parametrize("order", ORDERS)
-def test_mean_1e4_data_is_as_exact_as_eager(order, norm):
+def check_mean_1e4(order: str, norm: str, seed: int):
     """Variance must be stable: a naive E[t²] − E[t]² in float32 loses every digit here. At
     mean 1e4 (std 1) bn-conv-relu does not fold (the fold's sums would cancel) and applies
     the norm explicitly; every output and gradient, the conv weight's included, stays within
-    twice eager's error on every draw."""
+    twice eager's error."""
+    torch.manual_seed(seed)
+    case = Case(order, norm, True, input_mean=1e4, bias=True, hw=(6, 6))
+    tensors = make_tensors(case, seed)
+    if order != "bn-conv-relu":
+        tensors["bias"] += 1e4  # push the conv output, which the norm sees, to mean 1e4
+    grad_out = torch.randn_like(run_unit(reference_fn(order), case, tensors, torch.float64,
+                                         None)["out"])
+    exp = run_unit(reference_fn(order), case, tensors, torch.float64, grad_out)
+    eager = run_unit(reference_fn(order), case, tensors, torch.float32, grad_out)
+    got = run_unit(FUNCTIONALS[order], case, tensors, torch.float32, grad_out)
+    for key in ("out", "running_mean", "running_var", "dnorm_weight", "dnorm_bias", "dx",
+                "dweight", "dbias"):
+        if exp.get(key) is None:
+            continue
+        eager_err = (eager[key].double() - exp[key]).abs().max().item()
+        err = (got[key].double() - exp[key]).abs().max().item()
+        # A conv bias that a batch norm follows has gradient Σdy = 0 exactly, while its
+        # rounding noise is that of the weight gradient's reduction over dy (helpers).
+        scale = exp["dweight" if key == "dbias" else key].abs().max().item()
+        assert err <= 2 * eager_err + 1e-6 * scale, (key, err, eager_err, scale)
+
+
+@pytest.mark.parametrize("norm", ["bn", "bn-minus"])
+@pytest.mark.parametrize("order", ORDERS)
+def test_mean_1e4_data_is_as_exact_as_eager(order, norm):
     @settings(max_examples=6, deadline=None, derandomize=True, database=None)
     @given(seed=st.integers(0, 2**31 - 1))
     def run(seed):
-        torch.manual_seed(seed)
-        case = Case(order, norm, True, input_mean=1e4, bias=True, hw=(6, 6))
-        tensors = make_tensors(case, seed)
-        if order != "bn-conv-relu":
-            tensors["bias"] += 1e4  # push the conv output, which the norm sees, to mean 1e4
-        grad_out = torch.randn_like(run_unit(reference_fn(order), case, tensors,
-                                             torch.float64, None)["out"])
-        exp = run_unit(reference_fn(order), case, tensors, torch.float64, grad_out)
-        eager = run_unit(reference_fn(order), case, tensors, torch.float32, grad_out)
-        got = run_unit(FUNCTIONALS[order], case, tensors, torch.float32, grad_out)
-        for key in ("out", "running_mean", "running_var", "dnorm_weight", "dnorm_bias", "dx",
-                    "dweight", "dbias"):
-            if exp.get(key) is None:
-                continue
-            eager_err = (eager[key].double() - exp[key]).abs().max().item()
-            err = (got[key].double() - exp[key]).abs().max().item()
-            # A conv bias that a batch norm follows has gradient Σdy = 0 exactly, while its
-            # rounding noise is that of the weight gradient's reduction over dy (helpers).
-            scale = exp["dweight" if key == "dbias" else key].abs().max().item()
-            assert err <= 2 * eager_err + 1e-6 * scale, (key, err, eager_err, scale)
+        check_mean_1e4(order, norm, seed)
     run()
 
 

@@ -88,9 +88,10 @@ def test_low_precision_error_within_twice_eager(order, dtype, conv_impl):
     shared.test_low_precision_error_within_twice_eager(order, dtype)
 
 
+@pytest.mark.parametrize("norm", ["bn", "bn-minus"])
 @pytest.mark.parametrize("order", ORDERS)
-def test_mean_1e4_data_is_as_exact_as_eager(order, conv_impl):
-    shared.test_mean_1e4_data_is_as_exact_as_eager(order)
+def test_mean_1e4_data_is_as_exact_as_eager(order, norm, conv_impl):
+    shared.check_mean_1e4(order, norm, 0)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "cumulative"])
