@@ -1,0 +1,181 @@
+"""Whole fused networks against a float64 eager copy, every network × order × norm.
+
+A unit can be right alone and wrong inside a network (inputs produced by another fused unit,
+gradients that arrive summed over a residual, buffers reused between nodes, the order in
+which backward nodes run), so here the fused float32 network's output, input gradient, every
+parameter gradient and every running statistic after one training step must lie within twice
+eager float32's own error of the float64 result, plus a floor of FLOOR times the tensor's
+scale, at 1 and 2 threads, for seeds drawn by hypothesis.
+
+Both float32 networks are measured against the float64 network evaluated on their own ReLU
+and max-pool branches (tests/network_reference.py says why: a value within rounding of a
+kink may fall on either side, and the side taken changes the gradient by O(1)).
+
+Batch 16: the fully connected units' norms reduce over the batch alone, and at batch 4
+(4 values per channel) the norm's backward cancels most of its input; eager float32's own
+gradient errors there reach 1e-5 to 1e-4 of scale, and which implementation rounds worse is
+a coin toss (small CNN, conv-relu-bn, seed 1834: fused 2.5x eager on 5 tensors at batch 4,
+within 2x at batch 16). The large networks run at width 0.25 (every block, pool, shortcut and
+the values per channel of each norm as at full width, a sixteenth of the arithmetic) and
+only under `slow`; the ImageNet-stem ResNets take 64x64 inputs, so that layer4's norms see
+more than one value per channel and image.
+
+Known gaps, marked xfail (not strict) with what was measured, each beyond the bound:
+
+- bn-conv-relu, and conv-bn-relu with the affine norm (which folds into the convolution):
+  the norm's sums come from the weight gradient (Σdn·x_c = ⟨W_c, G_c⟩, fused/bn_conv_relu.py;
+  dgamma = ⟨G_o, W_o⟩ + …, fused/_conv_then_norm.py), whose float32 rounding grows with
+  Σ|W||G| rather than with Σ|g·t|: the norm-parameter gradients reach 3-5x eager's error
+  (ResNet-20 bn-conv-relu stem, batch 16: 2.5e-5 against 5.0e-6 on 3.7; conv-bn-relu affine
+  2.5-11x on the norm weights, at 1e-6 to 3e-6 of scale).
+- the small CNN with conv-relu-bn: its hidden fc unit's norm reduces over the batch alone;
+  gradients 2.2-3.4x eager's (seed 0: classifier.1 weight 3.2e-4 against 1.45e-4 on 17.5).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import fused
+import models
+from tests.network_reference import errors_against_float64
+
+pytestmark = pytest.mark.skipif(fused.extension_error() is not None,
+                                reason="the C++ extension did not build")
+
+# Relative to each tensor's largest float64 value: about 8 float32 ulps of scale. Rounding
+# that is merely different from eager's (another summation order) stays below it; a wrong
+# mask, coefficient or buffer is 1e-3 of scale or more.
+FLOOR = 1e-6
+NORMS = ("bn", "bn-minus", "affine")
+BATCH = 16
+
+NETWORKS = {  # name: (build options, input side)
+    "cnn": ({}, 32),
+    "resnet20": ({}, 32),
+    "alexnet": ({"width": 0.25}, 32),
+    "vgg16": ({"width": 0.25}, 32),
+    "resnet18": ({"width": 0.25}, 64),
+    "resnet34": ({"width": 0.25}, 64),
+    "resnet50": ({"width": 0.25}, 64),
+    "resnet101": ({"width": 0.25}, 64),
+}
+SLOW = {"alexnet", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101"}
+FOLD_SUMS = pytest.mark.xfail(
+    reason="norm sums from the weight gradient (fold): up to 5x eager's error", strict=False)
+BATCH_ONLY_NORM = pytest.mark.xfail(
+    reason="the fc unit's norm over the batch alone: 2.2-3.4x eager's error", strict=False)
+
+
+def known_gap(name: str, order: str, norm: str):
+    if order == "bn-conv-relu" or (order == "conv-bn-relu" and norm == "affine"):
+        return [FOLD_SUMS]
+    if name == "cnn" and order == "conv-relu-bn" and norm != "affine":
+        return [BATCH_ONLY_NORM]
+    return []
+
+
+def cases():
+    for name in NETWORKS:
+        for order in fused.ORDERS:
+            for norm in NORMS:
+                marks = known_gap(name, order, norm) + ([pytest.mark.slow] if name in SLOW
+                                                       else [])
+                yield pytest.param(name, order, norm, marks=marks,
+                                   id=f"{name}-{order}-{norm}")
+
+
+def test_every_network_is_covered():
+    assert set(NETWORKS) == set(models.NAMES)
+
+
+def scale_of(key: str, errors: dict) -> float:
+    """The scale a key's error is measured against: a running mean against its running
+    variance's (a mean near 0 of data of unit spread is as exact as that spread allows, not
+    as its own small value), everything else against its own largest value."""
+    if key.endswith(".running_mean"):
+        return max(errors[key][1], errors[key.removesuffix("mean") + "var"][1] ** 0.5)
+    if key.endswith(".conv.bias"):
+        # A conv bias that a batch norm follows has gradient Σdy = 0 exactly, while its
+        # rounding noise is that of the weight gradient's reduction over dy (helpers).
+        return max(errors[key][1], errors[key.removesuffix("bias") + "weight"][1])
+    return errors[key][1]
+
+
+def network_errors(name: str, order: str, norm: str, seed: int, threads: int, tamper=None):
+    options, side = NETWORKS[name]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        kw = dict(order=order, norm=norm, in_channels=3, num_classes=10, **options)
+        eager = models.build(name, backend="eager", **kw)
+        fused_net = models.build(name, backend="fused", **kw)
+        fused_net.load_state_dict(eager.state_dict())
+        if tamper is not None:
+            tamper(fused_net)
+        reference = models.build(name, backend="eager", **kw).double()
+        reference.load_state_dict(eager.state_dict())
+        x = torch.randn(BATCH, 3, side, side)
+        grad_out = torch.randn(BATCH, 10)
+        return (errors_against_float64(eager, reference, x, grad_out),
+                errors_against_float64(fused_net, reference, x, grad_out))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def beyond_bound(eager: dict, fused_: dict) -> dict:
+    """{key: (fused error, eager error, scale)} for every key beyond 2·eager + FLOOR·scale."""
+    assert set(eager) == set(fused_)
+    bad = {}
+    for key in eager:
+        scale = scale_of(key, eager)
+        if not fused_[key][0] <= 2 * eager[key][0] + FLOOR * scale:
+            bad[key] = (fused_[key][0], eager[key][0], scale)
+    return bad
+
+
+def check(name, order, norm, seed, threads):
+    eager, fused_ = network_errors(name, order, norm, seed, threads)
+    bad = beyond_bound(eager, fused_)
+    detail = "; ".join(f"{k}: fused {f:.2e}, eager {e:.2e}, scale {s:.2e}"
+                       for k, (f, e, s) in sorted(bad.items(), key=lambda kv: -kv[1][0] /
+                                                  (kv[1][2] or 1))[:5])
+    assert not bad, (f"{name} {order} {norm} seed {seed}, {threads} threads: {len(bad)} of "
+                     f"{len(eager)} tensors beyond 2x eager + {FLOOR:g}·scale: {detail}")
+
+
+_SETTINGS = dict(max_examples=2, deadline=None, derandomize=True, database=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.mark.parametrize("name, order, norm", list(cases()))
+def test_network_within_twice_eager(name, order, norm):
+    """Seeds and the thread count (1 or 2) drawn by hypothesis, derandomized: the same
+    draws on every run of the suite."""
+    @settings(**_SETTINGS)
+    @given(seed=st.integers(0, 2**31 - 1), threads=st.sampled_from([1, 2]))
+    def run(seed, threads):
+        check(name, order, norm, seed, threads)
+    run()
+
+
+def test_three_threads_on_resnet20():
+    """ATen's pool splits the C++ kernels' work differently at every thread count; 3 threads
+    on 2 cores split each channel's reductions unevenly."""
+    for order in ("conv-bn-relu", "conv-relu-bn"):
+        check("resnet20", order, "bn", 7, 3)
+
+
+def test_the_bound_catches_a_wrong_network():
+    """The check is not vacuous: one unit deep inside the fused network normalizing with
+    eps 1e-3 instead of 1e-5 moves the output and the gradients upstream beyond it."""
+    def tamper(net):
+        net.layer2[1].branch[0].norm.eps = 1e-3
+
+    eager, fused_ = network_errors("resnet20", "conv-bn-relu", "bn", 0, 2)
+    assert not beyond_bound(eager, fused_)
+    eager, fused_ = network_errors("resnet20", "conv-bn-relu", "bn", 0, 2, tamper)
+    bad = beyond_bound(eager, fused_)
+    assert {"out", "dx", "d:stem.0.conv.weight", "d:layer2.1.branch.0.norm.weight"} <= set(bad)
