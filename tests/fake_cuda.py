@@ -1,9 +1,9 @@
 """Stand-ins for the CUDA runtime pieces that fused.timing injects, so that the CUDA code paths
 of the check and the benchmarks run on a CPU machine. They record what was called, in order;
-the time an event pair reports is the CPU clock between their record() calls."""
+no clock is read: an event pair reports 1 ms per call logged between their record() calls, and
+the fake do_bench 1 ms, so that nothing a test checks depends on how fast the machine is."""
 from __future__ import annotations
 
-import time
 from typing import List, Tuple
 
 from fused.timing import CudaEventTimer, DoBenchTimer
@@ -23,8 +23,8 @@ class FakeEvent:
         log.calls.append(("event", self.id))
 
     def record(self):
-        self.t = time.perf_counter()
         self.log.calls.append(("record", self.id))
+        self.t = len(self.log.calls)
 
     def synchronize(self):
         self.log.calls.append(("event.synchronize", self.id))
@@ -33,7 +33,7 @@ class FakeEvent:
         if self.t is None or end.t is None:
             raise RuntimeError("elapsed_time on an event that was not recorded")
         self.log.calls.append(("elapsed_time", self.id, end.id))
-        return (end.t - self.t) * 1e3
+        return float(end.t - self.t)
 
 
 def event_timer(log: Log) -> CudaEventTimer:
@@ -43,12 +43,10 @@ def event_timer(log: Log) -> CudaEventTimer:
 
 
 def do_bench_timer(log: Log) -> DoBenchTimer:
-    """DoBenchTimer on a fake do_bench that calls fn three times and reports the CPU time of
-    the last call in milliseconds."""
+    """DoBenchTimer on a fake do_bench that calls fn three times and reports 1 ms."""
     def bench(fn, warmup, rep, return_mode):
         log.calls.append(("do_bench", warmup, rep, return_mode))
         for _ in range(3):
-            start = time.perf_counter()
             fn()
-        return (time.perf_counter() - start) * 1e3
+        return 1.0
     return DoBenchTimer(bench=bench, synchronize=lambda: log.calls.append(("synchronize",)))

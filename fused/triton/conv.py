@@ -129,24 +129,28 @@ class Launch:
     splits: int = 1          # weight gradient: split-K slices, summed afterwards
 
 
+def _implicit_gemm_config(rows: int, out_channels: int, reduced_channels: int,
+                          dtype: torch.dtype, gpu: bool) -> Launch:
+    """Forward and input gradient are the same implicit GEMM: `rows` output positions by
+    `out_channels`, reducing over `reduced_channels` (× the kernel taps)."""
+    block_m = _rows_block(rows, gpu)
+    block_n = _channels_block(out_channels, gpu, 64)
+    return Launch((triton.cdiv(rows, block_m), triton.cdiv(out_channels, block_n)),
+                  dict(PRECISION=precision(dtype, gpu), BLOCK_M=block_m, BLOCK_N=block_n,
+                       BLOCK_K=_channels_block(reduced_channels, gpu, GPU_MAX_K),
+                       **_pipeline(dtype, gpu)))
+
+
 def forward_config(n: int, c: int, o: int, p: int, q: int, dtype: torch.dtype,
                    gpu: bool) -> Launch:
     """conv_fwd_kernel for x (n, c, ·, ·) → y (n, o, p, q)."""
-    block_m = _rows_block(n * p * q, gpu)
-    block_n = _channels_block(o, gpu, 64)
-    return Launch((triton.cdiv(n * p * q, block_m), triton.cdiv(o, block_n)),
-                  dict(PRECISION=precision(dtype, gpu), BLOCK_M=block_m, BLOCK_N=block_n,
-                       BLOCK_K=_channels_block(c, gpu, GPU_MAX_K), **_pipeline(dtype, gpu)))
+    return _implicit_gemm_config(n * p * q, o, c, dtype, gpu)
 
 
 def input_grad_config(n: int, c: int, h: int, w: int, o: int, dtype: torch.dtype,
                       gpu: bool) -> Launch:
     """conv_dgrad_kernel for dx (n, c, h, w) from a gradient with o channels."""
-    block_m = _rows_block(n * h * w, gpu)
-    block_n = _channels_block(c, gpu, 64)
-    return Launch((triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_n)),
-                  dict(PRECISION=precision(dtype, gpu), BLOCK_M=block_m, BLOCK_N=block_n,
-                       BLOCK_K=_channels_block(o, gpu, GPU_MAX_K), **_pipeline(dtype, gpu)))
+    return _implicit_gemm_config(n * h * w, c, o, dtype, gpu)
 
 
 def weight_grad_config(n: int, c: int, o: int, r: int, s: int, p: int, q: int,
