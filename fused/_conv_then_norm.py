@@ -20,7 +20,8 @@ Backward (see _norm for the coefficients):
 
 Folded eval backward, g' = g·[out > 0], W' = W·s:
 
-    dx, G, Σg' = conv_backward(g', x, W')        G = wgrad(x, g')
+    dx, G = conv_backward(g', x, W')             G = wgrad(x, g')
+    Σg' = channel_sum(g')                        at::sum, not oneDNN's float-accumulated bias grad
     dW = s·G     dbias = s·Σg'     dbeta = Σg'
     dgamma = rstd·Σg'·(y − mean) = rstd·(⟨G_o, W_o⟩ + (bias − mean)·Σg')
 because Σ g'·conv(x, W)_o = ⟨wgrad(x, g')_o, W_o⟩: y is never rebuilt.
