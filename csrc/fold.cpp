@@ -8,8 +8,7 @@
 //                                 map[o, i, j] = Σ_{k,l} v[o, k, l]·in_h(i, k)·in_w(j, l),
 //                                 v[o, k, l] = Σ_c W[o, c, k, l]·b_c
 //   fold_backward(W, G, Σ_n g) -> dW = s_c·G + b_c·u[o, k, l],
-//                                 Σdn_c = Σ_{o,k,l} W·u,  Σdn·(x − mean)_c = Σ_{o,k,l} W·G − mean_c·Σdn_c
-//                                 with u[o, k, l] = Σ_{i,j} Σ_n g[o, i, j]·in_h(i, k)·in_w(j, l)
+//                                 u[o, k, l] = Σ_{i,j} Σ_n g[o, i, j]·in_h(i, k)·in_w(j, l)
 //
 //   fold_exact(mean, var)     -> whether |mean_c|·rstd_c <= limit for every channel: the
 //                                 fold is then as accurate as applying the norm (see
@@ -132,29 +131,22 @@ void scale_weights(const FoldGeometry& g, int64_t o, const scalar_t* w, const sc
   }
 }
 
-// Output channel o's rows of dW = s_c·G + b_c·u[t], and its shares of the two input-channel
-// sums, dn[c] = Σ_t W·u and dnx[c] = Σ_t W·G (double).
+// Output channel o's rows of dW = s_c·G + b_c·u[t].
 template <typename scalar_t>
-void weight_grads(const FoldGeometry& g, int64_t o, const scalar_t* w, const scalar_t* G,
-                  const scalar_t* s, const scalar_t* b, const double* u, scalar_t* dw,
-                  double* dn, double* dnx) {
+void weight_grads(const FoldGeometry& g, int64_t o, const scalar_t* G, const scalar_t* s,
+                  const scalar_t* b, const double* u, scalar_t* dw) {
   const scalar_t* sg = s + g.group_base(o);
   const scalar_t* bg = b + g.group_base(o);
   if (g.channels_inner) {
-    std::fill(dn, dn + g.Cg, 0.0);
-    std::fill(dnx, dnx + g.Cg, 0.0);
     for (int64_t t = 0; t < g.taps(); ++t) {
       const int64_t base = g.offset(o, 0, t);
-      const scalar_t *__restrict__ wp = w + base, *__restrict__ gp = G + base;
+      const scalar_t* __restrict__ gp = G + base;
       scalar_t* __restrict__ dwp = dw + base;
       const double ut = u[t];
 #pragma omp simd
       for (int64_t c = 0; c < g.Cg; ++c) {
-        const double wt = wp[c], gt = gp[c];
-        dwp[c] = static_cast<scalar_t>(gt * static_cast<double>(sg[c]) +
+        dwp[c] = static_cast<scalar_t>(static_cast<double>(gp[c]) * static_cast<double>(sg[c]) +
                                        static_cast<double>(bg[c]) * ut);
-        dn[c] += wt * ut;
-        dnx[c] += wt * gt;
       }
     }
     return;
@@ -162,15 +154,9 @@ void weight_grads(const FoldGeometry& g, int64_t o, const scalar_t* w, const sca
   for (int64_t c = 0; c < g.Cg; ++c) {
     const int64_t base = g.offset(o, c, 0);
     const double sc = sg[c], bc = bg[c];
-    double a = 0, ax = 0;
     for (int64_t t = 0; t < g.taps(); ++t) {
-      const double wt = w[base + t], gt = G[base + t];
-      dw[base + t] = static_cast<scalar_t>(gt * sc + bc * u[t]);
-      a += wt * u[t];
-      ax += wt * gt;
+      dw[base + t] = static_cast<scalar_t>(static_cast<double>(G[base + t]) * sc + bc * u[t]);
     }
-    dn[c] = a;
-    dnx[c] = ax;
   }
 }
 
@@ -231,15 +217,13 @@ std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight_in,
   return {scaled, map};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
+at::Tensor fold_backward(
     const at::Tensor& weight_in, const at::Tensor& wgrad_in, const at::Tensor& grad_sum,
-    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
-    at::IntArrayRef in_hw, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups) {
+    const at::Tensor& scale, const at::Tensor& shift, at::IntArrayRef in_hw,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "bnorder_cpu::fold_backward";
   const at::Tensor weight = dense_weight(weight_in);
   const FoldGeometry g = check_fold(weight, scale, shift, groups, op);
-  const int64_t C = g.Cg * groups;
   TORCH_CHECK(wgrad_in.sizes() == weight.sizes() && wgrad_in.scalar_type() == weight.scalar_type(),
               op, ": the weight gradient must match the weight, got ", wgrad_in.sizes(), " ",
               wgrad_in.scalar_type());
@@ -247,9 +231,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
                   grad_sum.scalar_type() == weight.scalar_type() && grad_sum.device().is_cpu(),
               op, ": grad_sum must be a (1, ", g.O, ", H_out, W_out) ", weight.scalar_type(),
               " CPU tensor, got ", grad_sum.sizes(), " ", grad_sum.scalar_type());
-  TORCH_CHECK(mean.dim() == 1 && mean.size(0) == C && mean.scalar_type() == weight.scalar_type() &&
-                  mean.is_contiguous(),
-              op, ": mean must be a contiguous (", C, ",) vector");
   TORCH_CHECK(in_hw.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
                   dilation.size() == 2,
               op, ": in_hw, stride, padding and dilation must be pairs");
@@ -260,16 +241,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
   const auto outside_h = outside_axis(in_hw[0], HO, g.KH, stride[0], padding[0], dilation[0]);
   const auto outside_w = outside_axis(in_hw[1], WO, g.KW, stride[1], padding[1], dilation[1]);
   auto dweight = at::empty_like(weight);
-  auto sum_dn = at::empty({C}, weight.options());
-  auto sum_dn_centered = at::empty({C}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "bnorder_fold_backward", [&] {
-    const scalar_t *w = weight.const_data_ptr<scalar_t>(), *G = wgrad.const_data_ptr<scalar_t>(),
-                   *gs = grad_sum.const_data_ptr<scalar_t>(), *s = scale.const_data_ptr<scalar_t>(),
-                   *b = shift.const_data_ptr<scalar_t>(), *mu = mean.const_data_ptr<scalar_t>();
+    const scalar_t *G = wgrad.const_data_ptr<scalar_t>(), *gs = grad_sum.const_data_ptr<scalar_t>(),
+                   *s = scale.const_data_ptr<scalar_t>(), *b = shift.const_data_ptr<scalar_t>();
     scalar_t* dw = dweight.mutable_data_ptr<scalar_t>();
     const int64_t taps = g.taps();
-    // shares[o][0 | 1][c]: output channel o's part of the two sums of its input channel c.
-    std::vector<double> shares(2 * g.O * g.Cg);
     // Per output channel (independent, split over the threads): its taps u and its rows of dW.
     at::parallel_for(0, g.O, 16, [&](int64_t o0, int64_t o1) {
       std::vector<double> cols(HO * g.KW), u(taps);
@@ -295,25 +271,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
             u[k * g.KW + l] = acc;
           }
         }
-        double* share = &shares[2 * o * g.Cg];
-        weight_grads(g, o, w, G, s, b, u.data(), dw, share, share + g.Cg);
+        weight_grads(g, o, G, s, b, u.data(), dw);
       }
     });
-    // Per input channel: the shares summed over the output channels of its group.
-    scalar_t *sd = sum_dn.mutable_data_ptr<scalar_t>(),
-             *sdc = sum_dn_centered.mutable_data_ptr<scalar_t>();
-    for (int64_t ci = 0; ci < C; ++ci) {
-      const int64_t group = ci / g.Cg, c = ci % g.Cg;
-      double dn = 0, dnx = 0;
-      for (int64_t o = group * g.out_per_group; o < (group + 1) * g.out_per_group; ++o) {
-        dn += shares[2 * o * g.Cg + c];
-        dnx += shares[2 * o * g.Cg + g.Cg + c];
-      }
-      sd[ci] = static_cast<scalar_t>(dn);
-      sdc[ci] = static_cast<scalar_t>(dnx - static_cast<double>(mu[ci]) * dn);
-    }
   });
-  return {dweight, sum_dn, sum_dn_centered};
+  return dweight;
 }
 
 bool fold_exact(const at::Tensor& mean, const at::Tensor& var, double eps, double limit) {

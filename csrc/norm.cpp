@@ -129,23 +129,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_into(
     const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
     const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
-    bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sums_g,
-    const c10::optional<at::Tensor>& sums_gt, const at::Tensor& into) {
+    bool batch_stats, bool input_grad, const at::Tensor& into) {
   const char* op = "bnorder_cpu::norm_backward";
   TORCH_CHECK(t.dim() >= 2, op, ": expected a tensor with a channel dimension, got ", t.dim(),
               "-D input");
   const int64_t C = t.size(1);
   const auto acc = acc_of(t);
   Coefficients k = coefficients_of(mean, var, gamma, beta, eps, norm, C, acc, op);
-  // The two sums, unless the caller already has them (bn-conv-relu takes them from its
-  // weight gradient, without a pass over the activation).
-  at::Tensor sum_g, sum_gt;
-  if (sums_g.has_value() && sums_g->defined()) {
-    sum_g = channel_vector(sums_g, "sum_g", C, acc, op, /*copy=*/true);
-    sum_gt = channel_vector(sums_gt, "sum_gt", C, acc, op);
-  } else {
-    std::tie(sum_g, sum_gt) = backward_reduce(g, t, k.mean, k.scale, k.shift, relu_mode);
-  }
+  auto [sum_g, sum_gt] = backward_reduce(g, t, k.mean, k.scale, k.shift, relu_mode);
   // dgamma = rstd·Σg'(t − mean); with batch statistics the mean and variance depend on t:
   // k2 = −s·rstd·dgamma/M, k3 = −s·Σg'/M; with fixed statistics k2 = k3 = 0.
   auto dgamma = at::empty({C}, sum_g.options());
@@ -180,10 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
     const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
     const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
-    bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sums_g,
-    const c10::optional<at::Tensor>& sums_gt) {
+    bool batch_stats, bool input_grad) {
   return norm_backward_into(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats,
-                            input_grad, sums_g, sums_gt, /*into=*/at::Tensor());
+                            input_grad, /*into=*/at::Tensor());
 }
 
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,

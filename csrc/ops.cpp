@@ -19,14 +19,13 @@ TORCH_LIBRARY(bnorder_cpu, m) {
         "Tensor var, Tensor scale, Tensor shift)");
   m.def("norm_backward(Tensor g, Tensor t, Tensor? mean, Tensor? var, Tensor? gamma, "
         "Tensor? beta, float eps, int norm, int relu_mode, bool batch_stats, "
-        "bool input_grad, Tensor? sum_g=None, Tensor? sum_gt=None) -> (Tensor dt, "
-        "Tensor dgamma, Tensor dbeta)");
+        "bool input_grad) -> (Tensor dt, Tensor dgamma, Tensor dbeta)");
   m.def("fold_forward(Tensor weight, Tensor scale, Tensor shift, int[] in_hw, int[] out_hw, "
         "int[] stride, int[] padding, int[] dilation, int groups) -> (Tensor scaled_weight, "
         "Tensor border_map)");
   m.def("fold_backward(Tensor weight, Tensor wgrad, Tensor grad_sum, Tensor scale, "
-        "Tensor shift, Tensor mean, int[] in_hw, int[] stride, int[] padding, int[] dilation, "
-        "int groups) -> (Tensor dweight, Tensor sum_dn, Tensor sum_dn_centered)");
+        "Tensor shift, int[] in_hw, int[] stride, int[] padding, int[] dilation, "
+        "int groups) -> Tensor");
   m.def("fold_exact(Tensor mean, Tensor var, float eps, float limit) -> bool");
   m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
         "Tensor var, int count, float momentum) -> ()");

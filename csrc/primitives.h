@@ -83,8 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
     const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
     const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
-    bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sum_g,
-    const c10::optional<at::Tensor>& sum_gt);
+    bool batch_stats, bool input_grad);
 
 // norm_backward with dt written into `into`: g or t itself, a buffer the caller owns and no
 // longer needs (unit.cpp), or undefined for a new tensor.
@@ -92,8 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_into(
     const at::Tensor& g, const at::Tensor& t, const c10::optional<at::Tensor>& mean,
     const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
-    bool batch_stats, bool input_grad, const c10::optional<at::Tensor>& sum_g,
-    const c10::optional<at::Tensor>& sum_gt, const at::Tensor& into);
+    bool batch_stats, bool input_grad, const at::Tensor& into);
 
 // bn-conv-relu's weight-side algebra around its folded convolution (fold.cpp).
 std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight, const at::Tensor& scale,
@@ -102,11 +100,10 @@ std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight, const 
                                                 at::IntArrayRef padding,
                                                 at::IntArrayRef dilation, int64_t groups);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fold_backward(
-    const at::Tensor& weight, const at::Tensor& wgrad, const at::Tensor& grad_sum,
-    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
-    at::IntArrayRef in_hw, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups);
+at::Tensor fold_backward(const at::Tensor& weight, const at::Tensor& wgrad,
+                         const at::Tensor& grad_sum, const at::Tensor& scale,
+                         const at::Tensor& shift, at::IntArrayRef in_hw, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
 // conv -> norm with batch statistics as one C++ autograd node (unit.cpp): [out, mean, var].
 std::vector<at::Tensor> conv_norm_train(const at::Tensor& x, const at::Tensor& weight,

@@ -9,8 +9,8 @@
 // NormConvTrain, bn-conv-relu (bn_conv_relu.py has the math): stats of x, then the fold
 //
 //   forward    W·s and the border map (fold_forward), z = conv(x, W·s) + map, ReLU
-//   backward   g_z and Σ_n g_z, conv_backward(g_z, x, W), fold_backward (dW and the norm's
-//              two sums), norm_backward with those sums
+//   backward   g_z and Σ_n g_z, conv_backward(g_z, x, W) -> dn and G, fold_backward (dW from
+//              G), norm_backward(dn, x)
 //
 // or, where the fold is not exact (|mean|·rstd > limit) or the weight outweighs the
 // activation, the norm applied explicitly and recomputed in backward. Both save what
@@ -145,7 +145,7 @@ struct ConvNormTrain : public torch::autograd::Function<ConvNormTrain> {
     auto [dy, dgamma, dbeta] = norm_backward_into(
         g, y, mean, var, present(gamma), present(beta), args.eps, args.norm,
         ctx->saved_data["relu_mode"].toInt(), /*batch_stats=*/true, /*input_grad=*/true,
-        c10::nullopt, c10::nullopt, /*into=*/y_is_last_use ? y : at::Tensor());
+        /*into=*/y_is_last_use ? y : at::Tensor());
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       needs(ctx, "bias_edge")};
     if (mask[0] || mask[1] || mask[2])
@@ -201,36 +201,38 @@ struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
     const bool relu = ctx->saved_data["relu"].toBool(), folds = ctx->saved_data["folds"].toBool();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     const bool need_b = needs(ctx, "bias_edge");
-    // Folded, with the weight gradient computed anyway, the norm's sums come from it.
-    const bool sums_from_weights = folds && need_w;
+    // dn = ∂L/∂norm(x) feeds the norm's backward (backward_reduce for Σdn and Σdn·(x − mean),
+    // backward_apply for dx) wherever x or the norm's parameters need a gradient.
+    const bool need_dn = need_x || needs(ctx, "gamma_edge") || needs(ctx, "beta_edge");
+    // Folded, the weight gradient is s·wgrad(x, g_z) plus the border term, from Σ_n g_z.
+    const bool fold_wgrad = folds && need_w;
     at::Tensor g, g_batch_sum;
-    if (relu && sums_from_weights) {
+    if (relu && fold_wgrad) {
       std::tie(g, g_batch_sum) = relu_grad_batch_sum(grad.contiguous(format_of(out)), out);
     } else {
       g = relu ? at::threshold_backward(grad, out, 0) : grad;
     }
     const at::Tensor conv_input = folds ? x : bnorder::apply(x, scale, shift, RELU_NONE);
-    auto [dn, dweight, dbias] = args.conv_backward(
-        ctx, g, conv_input, weight, {need_x || !sums_from_weights, need_w, need_b});
-    c10::optional<at::Tensor> sum_g, sum_gt;
-    if (sums_from_weights) {
+    auto [dn, dweight, dbias] = args.conv_backward(ctx, g, conv_input, weight,
+                                                   {need_dn, need_w, need_b});
+    if (fold_wgrad) {
       if (!g_batch_sum.defined()) {  // no ReLU: the incoming gradient, any strides
         const bool dense = g.is_contiguous() || is_channels_last(g);
         g_batch_sum = batch_sum(dense ? g : g.contiguous(format_of(x)));
       }
       const auto wdtype = weight.scalar_type();
-      auto [dw, sum_dn, sum_dn_centered] = fold_backward(
-          weight, dweight, g_batch_sum, scale.to(wdtype), shift.to(wdtype), mean.to(wdtype),
-          x.sizes().slice(2), args.stride, args.padding, args.dilation, args.groups);
-      dweight = dw;
-      sum_g = sum_dn.to(scale.scalar_type());
-      sum_gt = sum_dn_centered.to(scale.scalar_type());
+      dweight = fold_backward(weight, dweight, g_batch_sum, scale.to(wdtype), shift.to(wdtype),
+                              x.sizes().slice(2), args.stride, args.padding, args.dilation,
+                              args.groups);
     }
-    // dn is this node's own: dx is written over it.
-    at::Tensor dn_in = dn.defined() ? dn.contiguous(format_of(x)) : x.new_empty({0});
-    auto [dx, dgamma, dbeta] = norm_backward_into(
-        dn_in, x, mean, var, present(gamma), present(beta), args.eps, args.norm, RELU_NONE,
-        /*batch_stats=*/true, need_x, sum_g, sum_gt, /*into=*/dn_in);
+    at::Tensor dx, dgamma, dbeta;
+    if (need_dn) {
+      // dn is this node's own: dx is written over it.
+      const at::Tensor dn_in = dn.contiguous(format_of(x));
+      std::tie(dx, dgamma, dbeta) = norm_backward_into(
+          dn_in, x, mean, var, present(gamma), present(beta), args.eps, args.norm, RELU_NONE,
+          /*batch_stats=*/true, need_x, /*into=*/dn_in);
+    }
     if (need_x) result[0] = dx;
     if (need_w) result[1] = dweight;
     if (need_b) result[2] = dbias;

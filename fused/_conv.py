@@ -139,22 +139,6 @@ def border_map_weight_grad(shift: Tensor, taps: Tensor, weight: Tensor, groups: 
             * taps[:, None]).to(weight.dtype)
 
 
-def input_channel_sums(weight: Tensor, taps: Tensor, wgrad: Tensor, groups: int):
-    """(Σ dn, Σ dn·x) per input channel c for dn = conv_backward_input(g, weight) and the
-    convolution's input x, without reading dn or x: with u = border_taps(Σ_n g) and
-    G = wgrad(x, g),
-
-        Σ_{n,h,w} dn[n, c, h, w]          = Σ_{o,k,l} W[o, c, k, l]·u[o, k, l]
-        Σ_{n,h,w} dn[n, c, h, w]·x[n, c, h, w] = Σ_{o,k,l} W[o, c, k, l]·G[o, c, k, l]
-
-    (output channels o of c's group). In taps' dtype."""
-    w = weight.to(taps.dtype)
-    per_tap = torch.stack([(w * taps[:, None]).sum((2, 3)), (w * wgrad.to(taps.dtype)).sum((2, 3))])
-    out_channels, per_group = weight.shape[:2]
-    sums = per_tap.view(2, groups, out_channels // groups, per_group).sum(2).reshape(2, -1)
-    return sums[0], sums[1]
-
-
 # bn-conv-relu's weight side in one call per direction; the C++ backend has the same two
 # functions (csrc/fold.cpp), bn_conv_relu picks the backend's when it has them.
 def fold_forward(weight: Tensor, scale: Tensor, shift: Tensor, in_hw, out_hw, stride, padding,
@@ -165,10 +149,8 @@ def fold_forward(weight: Tensor, scale: Tensor, shift: Tensor, in_hw, out_hw, st
 
 
 def fold_backward(weight: Tensor, wgrad: Tensor, grad_sum: Tensor, scale: Tensor,
-                  shift: Tensor, mean: Tensor, in_hw, stride, padding, dilation, groups: int):
-    """(dW, Σdn, Σdn·(x − mean)) from the weight gradient G = wgrad(x, g) and Σ_n g."""
+                  shift: Tensor, in_hw, stride, padding, dilation, groups: int) -> Tensor:
+    """dW = s·G + b·u from the weight gradient G = wgrad(x, g) and Σ_n g."""
     taps = border_taps(grad_sum, weight, in_hw, stride, padding, dilation, scale.dtype)
-    sum_dn, sum_dn_x = input_channel_sums(weight, taps, wgrad, groups)
-    dweight = (scale_in_channels(wgrad, scale, groups)
-               + border_map_weight_grad(shift, taps, weight, groups))
-    return dweight, sum_dn, sum_dn_x - mean * sum_dn
+    return (scale_in_channels(wgrad, scale, groups)
+            + border_map_weight_grad(shift, taps, weight, groups))

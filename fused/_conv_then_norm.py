@@ -6,7 +6,8 @@ Forward, y = conv(x, W) + bias, relu_mode AFTER (conv-bn-relu) or BEFORE (conv-r
                         out = apply(y, s, b)          one read of y, one write
     fixed statistics:   AFTER/NONE fold into the convolution:
                             out = relu(conv(x, W·s_o, bias·s + b))      no pass over y at all
-                        BEFORE cannot fold (the ReLU sits between conv and norm):
+                        BEFORE cannot fold (the ReLU sits between conv and norm), nor does
+                        a norm whose scale trains (below):
                             out = apply(y, s, b)
 
 Saved for backward: x, y and the per-channel statistics; the ReLU mask is recomputed from y
@@ -24,7 +25,12 @@ Folded eval backward, g' = g·[out > 0], W' = W·s:
     Σg' = channel_sum(g')                        at::sum, not oneDNN's float-accumulated bias grad
     dW = s·G     dbias = s·Σg'     dbeta = Σg'
     dgamma = rstd·Σg'·(y − mean) = rstd·(⟨G_o, W_o⟩ + (bias − mean)·Σg')
-because Σ g'·conv(x, W)_o = ⟨wgrad(x, g')_o, W_o⟩: y is never rebuilt.
+because Σ g'·conv(x, W)_o = ⟨wgrad(x, g')_o, W_o⟩: y is never rebuilt. That dgamma is exact
+in real arithmetic, but its float32 rounding grows with Σ|G||W| rather than with Σ|g'·y|:
+in whole networks (the affine norm in training) the norm weights' gradients were 2.5-11x
+eager's error. So a norm whose scale trains (gamma requires a gradient, grad mode on) does
+not fold; it keeps y and reads it, as eager does. The fold serves inference and frozen
+norms, where its dgamma is not asked for.
 
 Eager training calls on the C++ backend with batch statistics (the hot path) run the same
 composition as one C++ autograd node (csrc/unit.cpp), which spares the Python of the
@@ -43,17 +49,22 @@ from . import _backend, _conv, _norm, _op
 from .reference import RELU_AFTER, RELU_BEFORE
 
 
-def _folds(batch_stats: bool, relu_mode: int) -> bool:
-    return not batch_stats and relu_mode != RELU_BEFORE
+def _folds(batch_stats: bool, relu_mode: int, gamma: Optional[Tensor]) -> bool:
+    """Whether fixed statistics (eval) or the affine norm fold into the convolution: not
+    where the ReLU sits between them, nor where the norm's scale trains (see the module
+    docstring)."""
+    scale_trains = gamma is not None and gamma.requires_grad and torch.is_grad_enabled()
+    return not batch_stats and relu_mode != RELU_BEFORE and not scale_trains
 
 
 def _conv_norm_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
                       padding: List[int], dilation: List[int], groups: int,
                       gamma: Optional[Tensor], beta: Optional[Tensor],
                       mean_in: Optional[Tensor], var_in: Optional[Tensor], eps: float,
-                      norm: str, relu_mode: int, sync: int = -1
+                      norm: str, relu_mode: int, fold: bool, sync: int = -1
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, y, batch mean, batch var); y, mean, var are empty where not used.
+    fold: _folds' answer, taken by the caller (which sees whether gamma trains).
     sync: a fused.sync key; batch statistics are then those of the whole group."""
     batch_stats = norm != "affine" and mean_in is None
     # Synchronized statistics run on the ATen convolution (the Triton one has no hook yet).
@@ -61,8 +72,8 @@ def _conv_norm_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
         from .triton import ops as triton_ops
         return triton_ops.conv_norm_forward(x, weight, bias, stride, padding, dilation, gamma,
                                             beta, mean_in, var_in, eps, norm, relu_mode,
-                                            _folds(batch_stats, relu_mode))
-    if _folds(batch_stats, relu_mode):
+                                            fold)
+    if fold:
         scale, shift, _, _ = _norm.coefficients(norm, mean_in, var_in, gamma, beta, eps,
                                                 weight.shape[0], x)
         folded_bias = shift if bias is None else bias.to(scale.dtype) * scale + shift
@@ -84,11 +95,11 @@ conv_norm_forward = torch.library.custom_op("bnorder::conv_norm_forward",
 
 @conv_norm_forward.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
-      norm, relu_mode, sync=-1):
+      norm, relu_mode, fold, sync=-1):
     batch_stats = norm != "affine" and mean_in is None
     y = _conv.conv(x, weight, bias, stride, padding, dilation, groups)
     stat = x.new_empty(weight.shape[0] if batch_stats else 0, dtype=_norm.acc_dtype(x))
-    if _folds(batch_stats, relu_mode):
+    if fold:
         return y, x.new_empty(0), stat, stat.clone()
     return torch.empty_like(y), y, stat, stat.clone()
 
@@ -97,17 +108,17 @@ def _conv_norm_backward_impl(grad: Tensor, x: Tensor, weight: Tensor, bias: Opti
                        y: Tensor, out: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
                        gamma: Optional[Tensor], beta: Optional[Tensor], stride: List[int],
                        padding: List[int], dilation: List[int], groups: int, eps: float,
-                       norm: str, relu_mode: int, batch_stats: bool, grad_mask: List[bool],
-                       sync: int = -1) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       norm: str, relu_mode: int, batch_stats: bool, folded: bool,
+                       grad_mask: List[bool], sync: int = -1
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dgamma, dbeta); empty tensors for gradients not asked for."""
     if sync < 0 and _backend.conv_impl(x, weight, groups) == "triton":
         from .triton import ops as triton_ops
         return triton_ops.conv_norm_backward(grad, x, weight, bias, y, out, mean, var, gamma,
                                              beta, stride, padding, dilation, eps, norm,
-                                             relu_mode, batch_stats, grad_mask,
-                                             _folds(batch_stats, relu_mode))
+                                             relu_mode, batch_stats, grad_mask, folded)
     conv_mask = grad_mask[:3]
-    if _folds(batch_stats, relu_mode):
+    if folded:
         scale, _, mean_c, rstd = _norm.coefficients(norm, mean, var, gamma, beta, eps,
                                                     weight.shape[0], x)
         g = (torch.ops.aten.threshold_backward(grad, out, 0) if relu_mode == RELU_AFTER
@@ -139,32 +150,32 @@ _conv_norm_backward_call = _op.eager_or_op(conv_norm_backward, _conv_norm_backwa
 
 @conv_norm_backward.register_fake
 def _(grad, x, weight, bias, y, out, mean, var, gamma, beta, stride, padding, dilation, groups,
-      eps, norm, relu_mode, batch_stats, grad_mask, sync=-1):
+      eps, norm, relu_mode, batch_stats, folded, grad_mask, sync=-1):
     return _op.fake_grads(x, weight, grad_mask, weight.shape[0], _norm.acc_dtype(x))
 
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
-     norm, relu_mode, sync) = inputs
+     norm, relu_mode, folded, sync) = inputs
     out, y, mean, var = output
     batch_stats, mean, var = _op.statistics_used(norm, mean_in, var_in, mean, var)
-    folded = _folds(batch_stats, relu_mode)
     # Outputs other than `out` (y, statistics) get no gradient: do not materialize zeros.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, y, out if folded else None, mean, var, gamma, beta)
-    ctx.args = (stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, sync)
+    ctx.args = (stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, folded,
+                sync)
 
 
 def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
     if grad_out is None:  # only the statistics were used downstream
-        return _op.NO_GRADS
+        return _op.no_grads(ctx)
     x, weight, bias, y, out, mean, var, gamma, beta = ctx.saved_tensors
-    stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, sync = ctx.args
+    stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, folded, sync = ctx.args
     mask = _op.grad_mask(ctx, bias is not None)
     grads = _conv_norm_backward_call(
         grad_out, x, weight, bias, y, x.new_empty(0) if out is None else out, mean, var,
-        gamma, beta, stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats, mask,
-        sync)
+        gamma, beta, stride, padding, dilation, groups, eps, norm, relu_mode, batch_stats,
+        folded, mask, sync)
     return _op.input_grads(ctx, mask, *grads, gamma, beta)
 
 
@@ -181,7 +192,9 @@ def forward(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mea
                                             dilation, groups, eps, _norm.NORM_CODES[norm],
                                             relu_mode)
         return out, mean, var, out.numel() // out.shape[1]
+    batch_stats = norm != "affine" and mean_in is None
     out, _y, mean, var = _conv_norm_forward_call(x, weight, bias, stride, padding, dilation,
                                                  groups, gamma, beta, mean_in, var_in, eps,
-                                                 norm, relu_mode, sync)
+                                                 norm, relu_mode,
+                                                 _folds(batch_stats, relu_mode, gamma), sync)
     return out, mean, var, out.numel() // out.shape[1]

@@ -48,9 +48,9 @@ def fold_forward(weight, scale, shift, in_hw, out_hw, stride, padding, dilation,
                              dilation, groups)
 
 
-def fold_backward(weight, wgrad, grad_sum, scale, shift, mean, in_hw, stride, padding,
-                  dilation, groups):
-    return _ops.fold_backward(weight, wgrad, grad_sum, scale, shift, mean, list(in_hw), stride,
+def fold_backward(weight, wgrad, grad_sum, scale, shift, in_hw, stride, padding, dilation,
+                  groups):
+    return _ops.fold_backward(weight, wgrad, grad_sum, scale, shift, list(in_hw), stride,
                               padding, dilation, groups)
 
 
@@ -71,10 +71,9 @@ def norm_forward(t: Tensor, gamma, beta, mean_in, var_in, eps: float, norm_code:
 
 
 def norm_backward(g: Tensor, t: Tensor, mean, var, gamma, beta, eps: float, norm_code: int,
-                  relu_mode: int, batch_stats: bool, input_grad: bool, sum_g=None,
-                  sum_gt=None):
+                  relu_mode: int, batch_stats: bool, input_grad: bool):
     return _ops.norm_backward(g, t, mean, var, gamma, beta, eps, norm_code, relu_mode,
-                              batch_stats, input_grad, sum_g, sum_gt)
+                              batch_stats, input_grad)
 
 
 if _ext.loaded:
@@ -114,8 +113,7 @@ if _ext.loaded:
                 t.new_empty(c, dtype=_norm.acc_dtype(t)), t.new_empty(c, dtype=_norm.acc_dtype(t)))
 
     @torch.library.register_fake("bnorder_cpu::norm_backward")
-    def _(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats, input_grad,
-          sum_g=None, sum_gt=None):
+    def _(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats, input_grad):
         c = t.shape[1]
         return (torch.empty_like(t) if input_grad else t.new_empty(0),
                 t.new_empty(c, dtype=_norm.acc_dtype(t)), t.new_empty(c, dtype=_norm.acc_dtype(t)))
@@ -125,10 +123,8 @@ if _ext.loaded:
         return torch.empty_like(weight), weight.new_empty(1, weight.shape[0], *out_hw)
 
     @torch.library.register_fake("bnorder_cpu::fold_backward")
-    def _(weight, wgrad, grad_sum, scale, shift, mean, in_hw, stride, padding, dilation,
-          groups):
-        c = weight.shape[1] * groups
-        return torch.empty_like(weight), weight.new_empty(c), weight.new_empty(c)
+    def _(weight, wgrad, grad_sum, scale, shift, in_hw, stride, padding, dilation, groups):
+        return torch.empty_like(weight)
 
     @torch.library.register_fake("bnorder_cpu::update_running_stats")
     def _(running_mean, running_var, mean, var, count, momentum):

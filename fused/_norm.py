@@ -132,20 +132,17 @@ def forward(prims, t: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
 
 def backward(prims, g: Tensor, t: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
              gamma: Optional[Tensor], beta: Optional[Tensor], eps: float, norm: str,
-             relu_mode: int, batch_stats: bool, input_grad: bool, sync: int = -1,
-             sums: Optional[Tuple[Tensor, Tensor]] = None):
+             relu_mode: int, batch_stats: bool, input_grad: bool, sync: int = -1):
     """(dt, dgamma, dbeta) for the gradient g at the output of `forward`; dt is None unless
-    `input_grad`. mean and var: the statistics the forward normalized with. sums: the
-    caller's own (Σg', Σg'·(t − mean)), in place of the backward_reduce pass."""
+    `input_grad`. mean and var: the statistics the forward normalized with."""
     if sync < 0 and hasattr(prims, "norm_backward"):
         dt, dgamma, dbeta = prims.norm_backward(g, t, mean, var, gamma, beta, eps,
                                                 NORM_CODES[norm], relu_mode, batch_stats,
-                                                input_grad, *(sums or (None, None)))
+                                                input_grad)
         return (dt if input_grad else None), dgamma, dbeta
     channels = t.shape[1]
     scale, shift, mean_c, rstd = coefficients(norm, mean, var, gamma, beta, eps, channels, t)
-    sum_g, sum_gtc = (sums if sums is not None
-                      else prims.backward_reduce(g, t, mean_c, scale, shift, relu_mode))
+    sum_g, sum_gtc = prims.backward_reduce(g, t, mean_c, scale, shift, relu_mode)
     count = t.numel() // channels
     if sync >= 0 and batch_stats:
         from . import sync as _sync

@@ -65,11 +65,12 @@ def with_autograd(op, impl: Callable, setup_context: Callable, backward: Callabl
 # --------------------------------------------------------------------------------------
 # Autograd plumbing shared by the unit ops (conv→norm and norm→conv). Both take the inputs
 # (x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
-#  norm, relu, sync) and return gradients for x, weight, bias, gamma and beta.
+#  norm, relu, [fold,] sync) and return gradients for x, weight, bias, gamma and beta.
 # --------------------------------------------------------------------------------------
 
-N_INPUTS = 15
-NO_GRADS = (None,) * N_INPUTS
+def no_grads(ctx):
+    """The backward's answer when only the statistics were used downstream."""
+    return (None,) * len(ctx.needs_input_grad)
 
 
 def statistics_used(norm: str, mean_in, var_in, batch_mean, batch_var):
@@ -79,9 +80,9 @@ def statistics_used(norm: str, mean_in, var_in, batch_mean, batch_var):
 
 
 def grad_mask(ctx, has_bias: bool):
-    """Which of (dx, dweight, dbias) the backward must produce."""
+    """Which of (dx, dweight, dbias, dgamma, dbeta) the backward must produce."""
     needs = ctx.needs_input_grad
-    return [needs[0], needs[1], has_bias and needs[2]]
+    return [needs[0], needs[1], has_bias and needs[2], needs[7], needs[8]]
 
 
 def input_grads(ctx, mask, dx, dweight, dbias, dgamma, dbeta, gamma, beta):
@@ -89,9 +90,9 @@ def input_grads(ctx, mask, dx, dweight, dbias, dgamma, dbeta, gamma, beta):
     needs = ctx.needs_input_grad
     dgamma = dgamma.to(gamma.dtype) if gamma is not None and needs[7] else None
     dbeta = dbeta.to(beta.dtype) if beta is not None and needs[8] else None
-    return (dx if mask[0] else None, dweight if mask[1] else None,
-            dbias if mask[2] else None, None, None, None, None, dgamma, dbeta,
-            None, None, None, None, None, None)
+    grads = (dx if mask[0] else None, dweight if mask[1] else None,
+             dbias if mask[2] else None, None, None, None, None, dgamma, dbeta)
+    return grads + (None,) * (len(needs) - len(grads))  # the configuration inputs
 
 
 def backward_outputs(x, dx, dweight, dbias, dgamma, dbeta):

@@ -20,16 +20,17 @@ the values per channel of each norm as at full width, a sixteenth of the arithme
 only under `slow`; the ImageNet-stem ResNets take 64x64 inputs, so that layer4's norms see
 more than one value per channel and image.
 
-Known gaps, marked xfail (not strict) with what was measured, each beyond the bound:
+Known gap, marked xfail (not strict) with what was measured, beyond the bound:
 
-- bn-conv-relu, and conv-bn-relu with the affine norm (which folds into the convolution):
-  the norm's sums come from the weight gradient (Σdn·x_c = ⟨W_c, G_c⟩, fused/bn_conv_relu.py;
-  dgamma = ⟨G_o, W_o⟩ + …, fused/_conv_then_norm.py), whose float32 rounding grows with
-  Σ|W||G| rather than with Σ|g·t|: the norm-parameter gradients reach 3-5x eager's error
-  (ResNet-20 bn-conv-relu stem, batch 16: 2.5e-5 against 5.0e-6 on 3.7; conv-bn-relu affine
-  2.5-11x on the norm weights, at 1e-6 to 3e-6 of scale).
-- the small CNN with conv-relu-bn: its hidden fc unit's norm reduces over the batch alone;
-  gradients 2.2-3.4x eager's (seed 0: classifier.1 weight 3.2e-4 against 1.45e-4 on 17.5).
+- the small CNN with conv-relu-bn, at the first draw (seed 0): the gradients downstream of
+  its hidden fc unit are 2.2-2.8x eager's error at 1 and 2 threads (classifier.1 weight
+  3.2e-4 against 1.45e-4, on 17.5). The fc unit itself is not less accurate: fed the eager
+  run's own float32 input, the fused unit's output and every gradient carry eager's error
+  to three digits (ratio 1.00). Its norm reduces over the batch alone (16 values), so its
+  output error is its input's error amplified; the two networks' inputs to it carry errors
+  of the same size (rms 6.3e-7 and 6.4e-7, on 21) in different patterns, and the amplified
+  maxima differ by 2.5x (fc output: 5.1e-5 against 2.0e-5). Twelve other draws of weights
+  and inputs stay within 0.8 of the bound.
 """
 from __future__ import annotations
 
@@ -62,15 +63,12 @@ NETWORKS = {  # name: (build options, input side)
     "resnet101": ({"width": 0.25}, 64),
 }
 SLOW = {"alexnet", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101"}
-FOLD_SUMS = pytest.mark.xfail(
-    reason="norm sums from the weight gradient (fold): up to 5x eager's error", strict=False)
 BATCH_ONLY_NORM = pytest.mark.xfail(
-    reason="the fc unit's norm over the batch alone: 2.2-3.4x eager's error", strict=False)
+    reason="seed 0: the fc unit's batch-only norm amplifies its input's rounding, 2.2-2.8x "
+           "eager's error downstream; the unit alone matches eager", strict=False)
 
 
 def known_gap(name: str, order: str, norm: str):
-    if order == "bn-conv-relu" or (order == "conv-bn-relu" and norm == "affine"):
-        return [FOLD_SUMS]
     if name == "cnn" and order == "conv-relu-bn" and norm != "affine":
         return [BATCH_ONLY_NORM]
     return []

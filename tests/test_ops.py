@@ -109,8 +109,8 @@ def test_non_contiguous_input(order):
 @pytest.mark.parametrize("norm", ["bn", "affine"])
 @pytest.mark.parametrize("order", ORDERS)
 def test_parameter_grads_without_input_grad(order, norm, training):
-    """A network's first unit: the input needs no gradient (bn-conv-relu then skips dn and
-    takes its norm sums from the weight gradient); parameter gradients as the reference."""
+    """A network's first unit: the input needs no gradient (bn-conv-relu still computes dn,
+    for its norm's sums, but no dx); parameter gradients as the reference."""
     torch.manual_seed(3)
     x = torch.randn(4, 3, 9, 7, dtype=torch.float64) * 2 + 0.5
     weight = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -129,9 +129,9 @@ def test_parameter_grads_without_input_grad(order, norm, training):
 
 def check_mean_1e4(order: str, norm: str, seed: int):
     """Variance must be stable: a naive E[t²] − E[t]² in float32 loses every digit here. At
-    mean 1e4 (std 1) bn-conv-relu does not fold (the fold's sums would cancel) and applies
-    the norm explicitly; every output and gradient, the conv weight's included, stays within
-    twice eager's error."""
+    mean 1e4 (std 1) bn-conv-relu does not fold (x·s and b would cancel inside the
+    convolution's sum) and applies the norm explicitly; every output and gradient, the conv
+    weight's included, stays within twice eager's error."""
     torch.manual_seed(seed)
     case = Case(order, norm, True, input_mean=1e4, bias=True, hw=(6, 6))
     tensors = make_tensors(case, seed)
@@ -288,7 +288,7 @@ def _op_samples():
                    (f["x"].requires_grad_(), f["weight"].requires_grad_(), f["bias"], *geo,
                     f["norm_weight"][:4].clone().requires_grad_(),
                     f["norm_bias"][:4].clone().requires_grad_(), *stats, 1e-5, "bn",
-                    relu_mode))
+                    relu_mode, stats[0] is not None and relu_mode == 1))
     for stats in ((None, None), (f["running_mean"][:3], f["running_var"][:3])):
         yield (torch.ops.bnorder.norm_conv_forward,
                (f["x"].requires_grad_(), f["weight"].requires_grad_(), None, *geo,
@@ -311,10 +311,9 @@ def test_opcheck_unit_ops(sample):
     (2, 3, 1, 1, 1, 3, 3, (1, 1), (1, 1), (1, 1)),
     (5, 2, 1, 6, 6, 1, 1, (2, 2), (0, 0), (1, 1)),
 ], ids=["3x3", "groups-stride-dilation", "5x5-wide-pad", "1px", "1x1-stride2"])
-def test_border_map_and_weight_side_sums_equal_the_convolutions(geometry):
+def test_border_map_and_its_weight_gradient_equal_the_convolutions(geometry):
     """bn-conv-relu's border map and its weight gradient, computed separably, against the
-    convolution of the image holding b_c inside its borders; and its backward sums taken
-    from the weight gradient against a pass over dn (float64)."""
+    convolution of the image holding b_c inside its borders (float64)."""
     from fused import _conv
     cin, cout, groups, h, w, kh, kw, stride, padding, dilation = geometry
     shift = torch.randn(cin, dtype=torch.float64)
@@ -331,17 +330,10 @@ def test_border_map_and_weight_side_sums_equal_the_convolutions(geometry):
     actual_wgrad = _conv.border_map_weight_grad(shift, taps, weight, groups)
     torch.testing.assert_close(actual_wgrad, expected_wgrad, rtol=1e-12, atol=1e-12)
 
-    # The norm's backward sums from the weight side: Σ dn and Σ dn·x per input channel for
-    # dn = ∂/∂x of Σ g·conv(x, W), against reading dn.
-    x = torch.randn(3, cin, h, w, dtype=torch.float64, requires_grad=True)
-    y = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
-    g = torch.randn_like(y)
-    dn, wgrad = torch.autograd.grad(y, (x, weight), g)
-    taps = _conv.border_taps(g.sum(0, keepdim=True), weight, (h, w), stride, padding,
-                             dilation, torch.float64)
-    sum_dn, sum_dn_x = _conv.input_channel_sums(weight, taps, wgrad, groups)
-    torch.testing.assert_close(sum_dn, dn.sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sum_dn_x, (dn * x).sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
+    x = torch.randn(3, cin, h, w, dtype=torch.float64)
+    g = torch.randn(3, *expected.shape[1:], dtype=torch.float64)
+    (wgrad,) = torch.autograd.grad(torch.nn.functional.conv2d(x, weight, None, stride, padding,
+                                                              dilation, groups), weight, g)
 
     # The C++ backend's fold_forward / fold_backward (csrc/fold.cpp) against the same steps
     # composed from the torch helpers above, for weights, weight gradients and batch sums in
@@ -349,12 +341,12 @@ def test_border_map_and_weight_side_sums_equal_the_convolutions(geometry):
     # weights and map in the weight's layout).
     if fused.backend() == "cpp":
         from fused import _cpp
-        scale, mean = torch.rand(cin, dtype=torch.float64) + 0.5, torch.randn(cin, dtype=torch.float64)
+        scale = torch.rand(cin, dtype=torch.float64) + 0.5
         grad_sum = g.sum(0, keepdim=True)
         expected = (*_conv.fold_forward(weight, scale, shift, (h, w), expected.shape[2:], stride,
                                         padding, dilation, groups),
-                    *_conv.fold_backward(weight.detach(), wgrad, grad_sum, scale, shift, mean,
-                                         (h, w), stride, padding, dilation, groups))
+                    _conv.fold_backward(weight.detach(), wgrad, grad_sum, scale, shift, (h, w),
+                                        stride, padding, dilation, groups))
         cl = torch.channels_last
         for w_fmt, g_fmt, sum_fmt in [(torch.contiguous_format,) * 3, (cl, cl, cl),
                                       (cl, torch.contiguous_format, torch.contiguous_format),
@@ -362,12 +354,10 @@ def test_border_map_and_weight_side_sums_equal_the_convolutions(geometry):
             w_in = weight.detach().contiguous(memory_format=w_fmt)
             actual = (*_cpp.fold_forward(w_in, scale, shift, (h, w), expected[1].shape[2:],
                                          stride, padding, dilation, groups),
-                      *_cpp.fold_backward(w_in, wgrad.contiguous(memory_format=g_fmt),
-                                          grad_sum.contiguous(memory_format=sum_fmt), scale,
-                                          shift, mean, (h, w), stride, padding, dilation,
-                                          groups))
-            for name, a, b in zip(("scaled weight", "border map", "dweight", "sum_dn",
-                                   "sum_dn_centered"), actual, expected):
+                      _cpp.fold_backward(w_in, wgrad.contiguous(memory_format=g_fmt),
+                                         grad_sum.contiguous(memory_format=sum_fmt), scale,
+                                         shift, (h, w), stride, padding, dilation, groups))
+            for name, a, b in zip(("scaled weight", "border map", "dweight"), actual, expected):
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12,
                                            msg=lambda m: f"{name} ({w_fmt}, {g_fmt}): {m}")
             # (A 1x1 channels_last weight is also contiguous, and counts as such.)
@@ -441,7 +431,7 @@ def test_opcheck_cpp_primitives():
     torch.library.opcheck(ops.fold_forward, (weight, scale, shift, [5, 5], [3, 3], [2, 2],
                                              [1, 1], [1, 1], 2))
     torch.library.opcheck(ops.fold_backward, (weight, torch.randn(6, 2, 3, 3),
-                                              torch.randn(1, 6, 3, 3), scale, shift, mean_c,
+                                              torch.randn(1, 6, 3, 3), scale, shift,
                                               [5, 5], [2, 2], [1, 1], [1, 1], 2))
     torch.library.opcheck(ops.update_running_stats, (torch.zeros(4), torch.ones(4), mean, var,
                                                      t.numel() // 4, 0.1))
@@ -607,9 +597,9 @@ def test_cpp_primitives_reject_bad_input():
         ops.norm_forward(t, None, None, None, None, 1e-5, 0, 1, True)
     with pytest.raises(RuntimeError, match="norm must be 0"):
         ops.norm_forward(t, torch.ones(4), torch.zeros(4), None, None, 1e-5, 5, 1, True)
-    with pytest.raises(RuntimeError, match="sum_g must have shape"):
-        ops.norm_backward(t, t, torch.zeros(4), torch.ones(4), None, None, 1e-5, 1, 0, True,
-                          True, torch.zeros(5), torch.zeros(4))
+    with pytest.raises(RuntimeError, match="mean must have shape"):
+        ops.norm_backward(t, t, torch.zeros(5), torch.ones(4), None, None, 1e-5, 1, 0, True,
+                          True)
     with pytest.raises(RuntimeError, match="scale and shift must be"):
         ops.fold_forward(torch.randn(6, 4, 3, 3), torch.ones(5), torch.zeros(4), [5, 5], [5, 5],
                          [1, 1], [1, 1], [1, 1], 1)
@@ -618,8 +608,7 @@ def test_cpp_primitives_reject_bad_input():
                          torch.zeros(4).half(), [5, 5], [5, 5], [1, 1], [1, 1], [1, 1], 1)
     with pytest.raises(RuntimeError, match="grad_sum must be"):
         ops.fold_backward(torch.randn(6, 4, 3, 3), torch.randn(6, 4, 3, 3), torch.randn(1, 5, 5, 5),
-                          torch.ones(4), torch.zeros(4), torch.zeros(4), [5, 5], [1, 1], [1, 1],
-                          [1, 1], 1)
+                          torch.ones(4), torch.zeros(4), [5, 5], [1, 1], [1, 1], [1, 1], 1)
     with pytest.raises(RuntimeError, match="more than one value"):
         ops.update_running_stats(torch.zeros(4), torch.ones(4), torch.zeros(4), torch.ones(4),
                                  1, 0.1)
@@ -774,7 +763,7 @@ def test_cpp_autograd_node_takes_training_calls_only(order):
     ctn = importlib.import_module("fused._conv_then_norm")
     out_py = ctn._conv_norm_forward_call(x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], 1,
                                          norm.weight, norm.bias, None, None, norm.eps, "bn",
-                                         relu_mode, -1)[0]
+                                         relu_mode, False, -1)[0]
     assert "ConvNormTrain" not in out_py.grad_fn.name()
     torch.testing.assert_close(out, out_py, rtol=0, atol=1e-12)
     for a, b in zip(grads_node, torch.autograd.grad(out_py, params, g)):

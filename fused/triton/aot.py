@@ -189,7 +189,9 @@ def _op_calls(layer: roofline.Layer, dtype: torch.dtype, layout) -> Iterable[Tup
         b = vec(layer.o, dtype) if bias else None
         stats_in = (None, None) if training else (vec(layer.o), vec(layer.o))
         batch_stats = norm != "affine" and stats_in[0] is None
-        folds = _conv_then_norm._folds(batch_stats, relu_mode)
+        # A norm scale that trains (the affine norm in training) does not fold.
+        folds = _conv_then_norm._folds(batch_stats, relu_mode,
+                                       vec(layer.o, dtype).requires_grad_(training))
         what = f"conv→{norm} relu{relu_mode} {'train' if training else 'eval'}" + (
             " bias" if bias else "")
         yield what + " fwd", lambda b=b, s=stats_in, f=folds, n=norm, r=relu_mode: (
