@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fused.modules import FusedUnit
+from fused.modules import FusedUnit, Unit
 
 _relu = F.relu
 _max_pool2d = F.max_pool2d
@@ -164,3 +164,29 @@ def errors_against_float64(model32: nn.Module, reference: nn.Module, x: Tensor,
         assert got[key] is not None and w is not None, f"{key}: no gradient"
         result[key] = ((got[key].double() - w).abs().max().item(), w.abs().max().item())
     return result
+
+
+def unit_activations(model: nn.Module, x: Tensor, grad_out: Tensor
+                     ) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """{unit name: (its input, the gradient at its output)} from one training step of
+    `model`, whose state is left as it was: the activations a network's units really see."""
+    start = copy.deepcopy(model.state_dict())
+    seen: Dict[str, List[Tensor]] = {}
+
+    def hook(name):
+        def record(module, args, out):
+            seen[name] = [args[0].detach().clone()]
+            out.register_hook(lambda g: seen[name].append(g.detach().clone()))
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
+               if isinstance(m, (Unit, FusedUnit))]
+    try:
+        step_results(model, x, grad_out)
+    finally:
+        for h in handles:
+            h.remove()
+        model.load_state_dict(start)
+    missing = [name for name, got in seen.items() if len(got) != 2]
+    assert not missing, f"no output gradient reached {missing}"
+    return {name: (got[0], got[1]) for name, got in seen.items()}
