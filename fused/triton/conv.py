@@ -14,8 +14,9 @@ Why that rule: the fused kernel saves whole activation passes (the stats pass, t
 round trip), which is what dominates when the GEMM is short (small C_in·kH·kW, i.e. the
 memory-bound early layers of CIFAR/ImageNet CNNs), while cuDNN's tuned GEMMs win once the
 convolution is compute-bound. The threshold was *not* measured here (no GPU); a GPU user
-measures it with `python -m fused.check --backend triton`, which times both conv_impl
-values per shape and prints their ratio, then sets BNORDER_CONV_IMPL or AUTO_MAX_REDUCTION.
+measures it with `bnorder check --gpu --layer NAME` (its timing table sets the Triton
+convolution, with and without its epilogue and prologue, against cuDNN's, and names which
+conv_impl each unit ran), then sets BNORDER_CONV_IMPL or AUTO_MAX_REDUCTION.
 """
 from __future__ import annotations
 
