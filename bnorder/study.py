@@ -40,7 +40,7 @@ PRESETS: Dict[str, Dict] = {
     "quick": dict(
         models=["alexnet", "vgg16", "resnet20"], orders=ORDERS, norms=["bn", "none"],
         seeds=[0, 1], backends=["fused", "eager"], backend_seeds={"eager": []},
-        widths={"alexnet": 0.25, "vgg16": 0.25, "resnet20": 0.5}, lrs={"resnet20": 0.1},
+        widths={"alexnet": 0.25, "vgg16": 0.25, "resnet20": 0.5},
         channels_last=True, data="fashion-mnist", epochs=2, subset=8192, test_subset=2000, augment=False,
         batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine",
         gradflow_batch=64, budget_s=600, bench_rounds=5, bench_batch=64, bench_budget_s=60,
@@ -49,8 +49,8 @@ PRESETS: Dict[str, Dict] = {
             "included). Networks at reduced width (AlexNet and VGG-16 at 0.25, ResNet-20 at "
             "0.5: every conv and hidden fc thinned, depth and BN placement kept), "
             "channels_last, fused backend, trained without augmentation on the first 8 192 "
-            "training images of Fashion-MNIST for two epochs (learning rate 0.05, ResNet-20 "
-            "0.1, cosine) and evaluated on 2 000 test images after every epoch; two seeds "
+            "training images of Fashion-MNIST for two epochs (learning rate 0.05, cosine) "
+            "and evaluated on 2 000 test images after every epoch; two seeds "
             "per configuration. The eager backend is not trained: "
             "it computes the same function, and the interleaved step-time measurement gives "
             "its throughput and BN tax and compares its losses with the fused ones. Runs are "

@@ -56,8 +56,11 @@ def test_grid_of_the_quick_preset():
         cfg = r["config"]
         assert cfg.model_options == {"width": spec["widths"][r["model"]]}
         assert cfg.channels_last and cfg.test_subset >= 2000 and cfg.data == "fashion-mnist"
-        assert cfg.lr == spec["lrs"].get(r["model"], spec["lr"]) and not cfg.augment
-    assert {r["config"].lr for r in runs} == {0.05, 0.1}
+        assert cfg.lr == spec["lr"] == 0.05 and not cfg.augment
+    # a per-network learning rate (`lrs`) overrides the preset's for that network only
+    per_network = study.grid(dict(spec, lrs={"resnet20": 0.1}))
+    assert {(r["model"], r["config"].lr) for r in per_network} == {
+        ("alexnet", 0.05), ("vgg16", 0.05), ("resnet20", 0.1)}
     # --lr sets every network's learning rate
     assert {r["config"].lr for r in study.grid(_resolve("quick", lr=0.02))} == {0.02}
     # --seeds sets the trained backends' seeds; the measured-only one stays untrained
