@@ -51,6 +51,7 @@ eager's error in 15 and eager beyond twice fused's in 5 (VGG-16 conv-relu-bn at 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -132,7 +133,10 @@ def scale_of(key: str, errors: dict) -> float:
     return errors[key][1]
 
 
-def network_errors(name: str, order: str, norm: str, seed: int, threads: int, tamper=None):
+@contextlib.contextmanager
+def networks(name: str, order: str, norm: str, seed: int, threads: int, tamper=None):
+    """(eager, fused network with the same state, build options, input side), built after
+    torch.manual_seed(seed) and used at `threads` threads (restored on exit)."""
     options, side = NETWORKS[name]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -144,14 +148,19 @@ def network_errors(name: str, order: str, norm: str, seed: int, threads: int, ta
         fused_net.load_state_dict(eager.state_dict())
         if tamper is not None:
             tamper(fused_net)
+        yield eager, fused_net, kw, side
+    finally:
+        torch.set_num_threads(previous)
+
+
+def network_errors(name: str, order: str, norm: str, seed: int, threads: int, tamper=None):
+    with networks(name, order, norm, seed, threads, tamper) as (eager, fused_net, kw, side):
         reference = models.build(name, backend="eager", **kw).double()
         reference.load_state_dict(eager.state_dict())
         x = torch.randn(BATCH, 3, side, side)
         grad_out = torch.randn(BATCH, 10)
         return (errors_against_float64(eager, reference, x, grad_out),
                 errors_against_float64(fused_net, reference, x, grad_out))
-    finally:
-        torch.set_num_threads(previous)
 
 
 def beyond_bound(eager: dict, fused_: dict) -> dict:
@@ -214,17 +223,7 @@ def unit_errors(name: str, order: str, norm: str, seed: int, threads: int, tampe
     """{unit: (eager errors, fused errors)}: every unit of the network, eager and fused, run
     alone on the input and output gradient that unit saw in the eager float32 network's
     training step, each against a float64 copy of the unit on its own branches."""
-    options, side = NETWORKS[name]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(seed)
-        kw = dict(order=order, norm=norm, in_channels=3, num_classes=10, **options)
-        eager = models.build(name, backend="eager", **kw)
-        fused_net = models.build(name, backend="fused", **kw)
-        fused_net.load_state_dict(eager.state_dict())
-        if tamper is not None:
-            tamper(fused_net)
+    with networks(name, order, norm, seed, threads, tamper) as (eager, fused_net, _, side):
         x = torch.randn(BATCH, 3, side, side)
         grad_out = torch.randn(BATCH, 10)
         result = {}
@@ -234,8 +233,6 @@ def unit_errors(name: str, order: str, norm: str, seed: int, threads: int, tampe
             result[unit] = (errors_against_float64(e_unit, reference, x_u, g_u),
                             errors_against_float64(f_unit, reference, x_u, g_u))
         return result
-    finally:
-        torch.set_num_threads(previous)
 
 
 def check_units(name, order, norm, seed, threads):
