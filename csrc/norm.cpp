@@ -59,24 +59,34 @@ Coefficients coefficients_of(const c10::optional<at::Tensor>& mean,
     k.rstd = at::ones({C}, options);
     return k;
   }
-  k.mean = channel_vector(mean, "mean", C, acc, op, /*copy=*/true);
-  const at::Tensor v = channel_vector(var, "var", C, acc, op);
-  const at::Tensor g = norm == NORM_BN ? channel_vector(gamma, "gamma", C, acc, op) : at::Tensor();
-  const at::Tensor b = norm == NORM_BN ? channel_vector(beta, "beta", C, acc, op) : at::Tensor();
-  k.scale = at::empty({C}, options);
-  k.shift = at::empty({C}, options);
-  k.rstd = at::empty({C}, options);
-  AT_DISPATCH_FLOATING_TYPES(acc, "bnorder_coefficients", [&] {
-    const scalar_t* m = k.mean.const_data_ptr<scalar_t>();
-    const scalar_t* vp = v.const_data_ptr<scalar_t>();
-    scalar_t *s = k.scale.mutable_data_ptr<scalar_t>(), *sh = k.shift.mutable_data_ptr<scalar_t>(),
-             *r = k.rstd.mutable_data_ptr<scalar_t>();
+  // The per-channel algebra runs in float64 whatever the activations' dtype, and each
+  // coefficient is rounded once to the accumulation dtype. s_c multiplies every value of
+  // channel c, so its rounding error is the same relative error on the whole channel: a
+  // coherent error that the next convolution sums in phase instead of averaging away, and
+  // that a later norm over few or nearly equal values amplifies by 1/std. Computed in
+  // float32 (1/sqrt(var + eps), then ·gamma) it carried four roundings; eager ATen's two.
+  const at::Tensor m = channel_vector(mean, "mean", C, at::kDouble, op);
+  const at::Tensor v = channel_vector(var, "var", C, at::kDouble, op);
+  const at::Tensor g = norm == NORM_BN ? channel_vector(gamma, "gamma", C, at::kDouble, op)
+                                       : at::Tensor();
+  const at::Tensor b = norm == NORM_BN ? channel_vector(beta, "beta", C, at::kDouble, op)
+                                       : at::Tensor();
+  const auto wide = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor scale = at::empty({C}, wide), shift = at::empty({C}, wide), rstd = at::empty({C}, wide);
+  {
+    const double *mp = m.const_data_ptr<double>(), *vp = v.const_data_ptr<double>();
+    double *s = scale.mutable_data_ptr<double>(), *sh = shift.mutable_data_ptr<double>(),
+           *r = rstd.mutable_data_ptr<double>();
     for (int64_t c = 0; c < C; ++c) {
-      r[c] = scalar_t(1) / std::sqrt(vp[c] + static_cast<scalar_t>(eps));
-      s[c] = norm == NORM_BN ? r[c] * g.const_data_ptr<scalar_t>()[c] : r[c];
-      sh[c] = (norm == NORM_BN ? b.const_data_ptr<scalar_t>()[c] : scalar_t(0)) - m[c] * s[c];
+      r[c] = 1.0 / std::sqrt(vp[c] + eps);
+      s[c] = norm == NORM_BN ? r[c] * g.const_data_ptr<double>()[c] : r[c];
+      sh[c] = (norm == NORM_BN ? b.const_data_ptr<double>()[c] : 0.0) - mp[c] * s[c];
     }
-  });
+  }
+  k.mean = m.to(acc, /*non_blocking=*/false, /*copy=*/true);
+  k.scale = scale.to(acc);
+  k.shift = shift.to(acc);
+  k.rstd = rstd.to(acc);
   return k;
 }
 
@@ -148,12 +158,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_into(
                    *sg = sum_g.const_data_ptr<scalar_t>(), *sgt = sum_gt.const_data_ptr<scalar_t>();
     scalar_t *dg = dgamma.mutable_data_ptr<scalar_t>(), *p2 = k2.mutable_data_ptr<scalar_t>(),
              *p3 = k3.mutable_data_ptr<scalar_t>();
-    const scalar_t inv_m = count > 0 ? scalar_t(-1) / static_cast<scalar_t>(count) : scalar_t(0);
+    // In float64 and rounded once, for the reason given in coefficients_of: k2 and k3 are
+    // per-channel factors of the whole channel's gradient.
+    const double inv_m = count > 0 ? -1.0 / static_cast<double>(count) : 0.0;
     for (int64_t c = 0; c < C; ++c) {
-      dg[c] = sgt[c] * r[c];
+      const double dgamma_c = static_cast<double>(sgt[c]) * static_cast<double>(r[c]);
+      dg[c] = static_cast<scalar_t>(dgamma_c);
       if (batch_stats) {
-        p2[c] = s[c] * r[c] * dg[c] * inv_m;
-        p3[c] = s[c] * sg[c] * inv_m;
+        p2[c] = static_cast<scalar_t>(static_cast<double>(s[c]) * r[c] * dgamma_c * inv_m);
+        p3[c] = static_cast<scalar_t>(static_cast<double>(s[c]) * sg[c] * inv_m);
       }
     }
   });

@@ -71,30 +71,34 @@ def coefficients(norm: str, mean: Optional[Tensor], var: Optional[Tensor],
         shift = beta.to(acc)
         zeros = torch.zeros(channels, dtype=acc, device=like.device)
         return scale, shift, zeros, torch.ones_like(zeros)
+    # In float64, each coefficient rounded once (csrc/norm.cpp's coefficients_of says why:
+    # s_c is one relative error on the whole channel, which later layers sum in phase).
     # Few, fused per-channel ops: each costs microseconds of dispatch, per unit and step.
-    mean = mean.to(acc)
-    rstd = rstd_of(var.to(acc), eps)
+    wide = torch.float64
+    rstd = rstd_of(var.to(wide), eps)
     if norm == "bn":
-        scale = rstd * gamma.to(acc)
-        shift = torch.addcmul(beta.to(acc), mean, scale, value=-1)
+        scale = rstd * gamma.to(wide)
+        shift = torch.addcmul(beta.to(wide), mean.to(wide), scale, value=-1)
     else:
         scale = rstd
-        shift = mean * rstd
+        shift = mean.to(wide) * rstd
         shift.neg_()
-    return scale, shift, mean, rstd
+    return scale.to(acc), shift.to(acc), mean.to(acc), rstd.to(acc)
 
 
 def backward_coefficients(sum_g: Tensor, sum_gtc: Tensor, scale: Tensor, rstd: Tensor,
                           count: int, batch_stats: bool):
-    """(k1, k2, k3, dgamma, dbeta) from the two backward sums."""
+    """(k1, k2, k3, dgamma, dbeta) from the two backward sums, in float64 and rounded once
+    to the sums' dtype: k2 and k3 are per-channel factors of the whole channel's gradient."""
+    acc, wide = sum_g.dtype, torch.float64
     dbeta = sum_g
-    dgamma = sum_gtc * rstd
+    dgamma = sum_gtc.to(wide) * rstd.to(wide)
     if not batch_stats:
         zeros = torch.zeros_like(scale)
-        return scale, zeros, zeros, dgamma, dbeta
-    k2 = (scale * rstd).mul_(dgamma).mul_(-1.0 / count)
-    k3 = (scale * sum_g).mul_(-1.0 / count)
-    return scale, k2, k3, dgamma, dbeta
+        return scale, zeros, zeros, dgamma.to(acc), dbeta
+    k2 = (scale.to(wide) * rstd.to(wide)).mul_(dgamma).mul_(-1.0 / count)
+    k3 = (scale.to(wide) * sum_g.to(wide)).mul_(-1.0 / count)
+    return scale, k2.to(acc), k3.to(acc), dgamma.to(acc), dbeta
 
 
 def forward(prims, t: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],

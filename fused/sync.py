@@ -81,7 +81,8 @@ def backward_coefficients(key: int, sum_g: Tensor, sum_gtc: Tensor, scale: Tenso
     total_gtc = local[channels:2 * channels].to(sum_g.dtype)
     k1, k2, k3, _, _ = _norm.backward_coefficients(total_g, total_gtc, scale, rstd,
                                                     int(local[-1]), True)
-    return k1, k2, k3, sum_gtc * rstd, sum_g
+    dgamma = (sum_gtc.double() * rstd.double()).to(sum_g.dtype)  # rounded once, as _norm's
+    return k1, k2, k3, dgamma, sum_g
 
 
 # ---------------------------------------------------------------- eager synchronized BN

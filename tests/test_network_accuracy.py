@@ -20,39 +20,40 @@ the values per channel of each norm as at full width, a sixteenth of the arithme
 only under `slow`; the ImageNet-stem ResNets take 64x64 inputs, so that layer4's norms see
 more than one value per channel and image.
 
-Every unit, fed the exact activations and gradients it meets inside the network, is within
-the bound for every network × order × norm (the per-unit test at the end of this file).
-Whole networks are not, in the cells marked xfail (not strict) below, with what was
-measured. In each of them the fused units match eager to rounding on identical inputs, but
-the network amplifies its input's rounding: a norm over few values per channel (the fc
-units' norms reduce over the batch alone; the ImageNet-stem ResNets' layer4 over 4 values
-per image) turns the last digits of its input into its output's leading error. The
-conditioning is that of the point, not of the implementation: AlexNet conv-relu-bn,
-seed 67, hidden fc unit: eager's own unit errs 3.0e-5 on the eager network's float32 input
-and 8.3e-5 on the fused network's (fused's unit: the same to three digits on each), so
-whichever network's rounding lands on the worse-conditioned input loses by 2-3x. It is not
-symmetric, though: over 108 whole-network draws (cnn, ResNet-20, AlexNet, VGG-16,
-ResNet-18/34 × every order × bn/bn-minus × seeds 0-2, 1 thread), fused was beyond twice
-eager's error in 15 and eager beyond twice fused's in 5 (VGG-16 conv-relu-bn at seeds 0 and
-2, ResNet-34 bn-conv-relu at all three seeds), which is not yet explained.
+Each network is stepped on its input and on ROUNDING_DRAWS − 1 copies of it with every
+element moved one ulp, and each tensor's error is the largest over those steps, eager's and
+fused's alike. One step's error is a sample, not a measure: where a norm sees few or nearly
+equal values per channel (a channel that the ReLU before it leaves almost empty, a fully
+connected unit's norm over the batch alone), the network multiplies its rounding by 1/std
+of that channel, and whether the roundings of dozens of units add up or cancel there is
+chance. Eager float32's own error varies that way: VGG-16, conv-relu-bn, seed 2, over the
+input and three one-ulp moves of it, 19x on the output and input gradient; at seed 0 eager's
+channels_last step errs 5.0e-3 on the output where its NCHW step errs 4.7e-5. Compared
+draw by draw, whichever implementation's roundings happened to cancel wins by 2-6x: over
+108 single-step draws of six networks, fused lost by more than 2x in 15 and eager in 5
+(before the fix below). The largest of three steps
+measures each implementation's rounding at that point; a wrong coefficient, mask or buffer
+is 1e-3 of scale or more, far beyond it (the tamper tests below).
 
-- the small CNN with conv-relu-bn, at the first draw (seed 0): the gradients downstream of
-  its hidden fc unit are 2.2-2.8x eager's error at 1 and 2 threads (classifier.1 weight
-  3.2e-4 against 1.45e-4, on 17.5). Fed the eager run's own float32 input, the fused fc
-  unit's output and every gradient carry eager's error to three digits (ratio 1.00); the
-  two networks' inputs to it carry errors of the same size (rms 6.3e-7 and 6.4e-7, on 21)
-  in different patterns, and the amplified maxima differ by 2.5x (fc output: 5.1e-5
-  against 2.0e-5).
-- under `slow` (NETWORK_GAPS): AlexNet conv-relu-bn seed 67, 16-28 tensors at 2.5-3.9x (out
-  2.5e-5 against 1.0e-5, on 2.1); VGG-16 conv-relu-bn seed 0, 31-55 tensors at about 2.8x
-  (dx 8.5e-3 against 3.0e-3, on 17); one tensor each at 2-5x in AlexNet bn-conv-relu,
-  VGG-16 conv-bn-relu and bn-conv-relu, ResNet-50 bn-conv-relu; ResNet-34 bn-conv-relu, 5
-  norm-parameter gradients, the stem's norm weight at 7.8x (2.4e-3 against 3.1e-4, on 81).
+What this test found, and what was fixed: the norm's per-channel coefficients (scale,
+shift, and backward's k2, k3) were computed in float32 with four roundings each, eager's
+with two; a scale's rounding is one relative error on its whole channel, which the next
+convolution sums in phase, so it moved networks' outputs 2-3x more than the same size of
+independent rounding (VGG-16 conv-relu-bn seed 0: output 1.27e-4 against eager's 4.7e-5,
+nearly all from one channel with std 3.8e-3). They are now computed in float64 and
+rounded once (csrc/norm.cpp, fused/_norm.py): 6.9e-5. bn-conv-relu's fold costs 1.3x
+eager's rounding per unit on ReLU outputs, a documented trade (fused/bn_conv_relu.py;
+FOLD_ROUNDING below says how those cells are held).
+
+Every unit is also checked alone, on the exact activations and gradients it meets inside
+the network, with one step each (the last test of this file): both implementations then
+see bit-identical inputs, and the 2x-eager bound holds draw by draw.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 
 import pytest
 import torch
@@ -69,6 +70,9 @@ pytestmark = pytest.mark.skipif(fused.extension_error() is not None,
 # that is merely different from eager's (another summation order) stays below it; a wrong
 # mask, coefficient or buffer is 1e-3 of scale or more.
 FLOOR = 1e-6
+# Evaluations per network and draw (the input and ROUNDING_DRAWS − 1 one-ulp moves of it);
+# the module docstring says why one is not enough.
+ROUNDING_DRAWS = 3
 NORMS = ("bn", "bn-minus", "affine")
 BATCH = 16
 
@@ -83,36 +87,12 @@ NETWORKS = {  # name: (build options, input side)
     "resnet101": ({"width": 0.25}, 64),
 }
 SLOW = {"alexnet", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101"}
-BATCH_ONLY_NORM = pytest.mark.xfail(
-    reason="seed 0: the fc unit's batch-only norm amplifies its input's rounding, 2.2-2.8x "
-           "eager's error downstream; the unit alone matches eager", strict=False)
-
-
-NETWORK_GAPS = {("alexnet", "conv-relu-bn", "bn"), ("alexnet", "conv-relu-bn", "bn-minus"),
-                ("alexnet", "bn-conv-relu", "bn"), ("vgg16", "conv-bn-relu", "bn"),
-                ("vgg16", "conv-relu-bn", "bn"), ("vgg16", "conv-relu-bn", "bn-minus"),
-                ("vgg16", "bn-conv-relu", "bn"), ("vgg16", "bn-conv-relu", "bn-minus"),
-                ("resnet34", "bn-conv-relu", "bn"), ("resnet50", "bn-conv-relu", "bn")}
-AMPLIFIED = pytest.mark.xfail(
-    reason="the network amplifies its input's rounding; every unit alone matches eager "
-           "(module docstring has the figures)", strict=False)
-
-
-def known_gap(name: str, order: str, norm: str):
-    if (name, order, norm) in NETWORK_GAPS:
-        return [AMPLIFIED]
-    if name == "cnn" and order == "conv-relu-bn" and norm != "affine":
-        return [BATCH_ONLY_NORM]
-    return []
-
-
 def cases():
     for name in NETWORKS:
         for order in fused.ORDERS:
             for norm in NORMS:
-                marks = known_gap(name, order, norm) + ([pytest.mark.slow] if name in SLOW
-                                                       else [])
-                yield pytest.param(name, order, norm, marks=marks,
+                yield pytest.param(name, order, norm,
+                                   marks=[pytest.mark.slow] if name in SLOW else [],
                                    id=f"{name}-{order}-{norm}")
 
 
@@ -153,35 +133,85 @@ def networks(name: str, order: str, norm: str, seed: int, threads: int, tamper=N
         torch.set_num_threads(previous)
 
 
+def rounding_equivalent(x: torch.Tensor, seed: int):
+    """x and ROUNDING_DRAWS − 1 copies with every element moved one ulp up or down at
+    random: inputs on which a float32 network makes the same computation with different
+    rounding."""
+    gen = torch.Generator().manual_seed(seed)
+    up, down = torch.full_like(x, float("inf")), torch.full_like(x, float("-inf"))
+    draws = [x]
+    for _ in range(ROUNDING_DRAWS - 1):
+        toward = torch.where(torch.rand(x.shape, generator=gen) < 0.5, up, down)
+        draws.append(torch.nextafter(x, toward))
+    return draws
+
+
 def network_errors(name: str, order: str, norm: str, seed: int, threads: int, tamper=None):
+    """(eager errors, fused errors): {key: (largest error over the rounding-equivalent
+    inputs, scale)}, each input's float32 step against the float64 network on that input."""
     with networks(name, order, norm, seed, threads, tamper) as (eager, fused_net, kw, side):
         reference = models.build(name, backend="eager", **kw).double()
         reference.load_state_dict(eager.state_dict())
         x = torch.randn(BATCH, 3, side, side)
         grad_out = torch.randn(BATCH, 10)
-        return (errors_against_float64(eager, reference, x, grad_out),
-                errors_against_float64(fused_net, reference, x, grad_out))
+        results = []
+        for net in (eager, fused_net):
+            worst = {}
+            for xr in rounding_equivalent(x, seed):
+                errors = errors_against_float64(copy.deepcopy(net), reference, xr, grad_out)
+                for key, (err, scale) in errors.items():
+                    worst[key] = (max(err, worst.get(key, (0.0,))[0]), scale)
+            results.append(worst)
+        return tuple(results)
 
 
-def beyond_bound(eager: dict, fused_: dict) -> dict:
-    """{key: (fused error, eager error, scale)} for every key beyond 2·eager + FLOOR·scale."""
+def beyond_bound(eager: dict, fused_: dict, factor: float = 2.0) -> dict:
+    """{key: (fused error, eager error, scale)} for every key beyond factor·eager +
+    FLOOR·scale."""
     assert set(eager) == set(fused_)
     bad = {}
     for key in eager:
         scale = scale_of(key, eager)
-        if not fused_[key][0] <= 2 * eager[key][0] + FLOOR * scale:
+        if not fused_[key][0] <= factor * eager[key][0] + FLOOR * scale:
             bad[key] = (fused_[key][0], eager[key][0], scale)
     return bad
 
 
-def check(name, order, norm, seed, threads):
+def check(name, order, norm, seed, threads, factor=2.0):
     eager, fused_ = network_errors(name, order, norm, seed, threads)
-    bad = beyond_bound(eager, fused_)
+    bad = beyond_bound(eager, fused_, factor)
     detail = "; ".join(f"{k}: fused {f:.2e}, eager {e:.2e}, scale {s:.2e}"
                        for k, (f, e, s) in sorted(bad.items(), key=lambda kv: -kv[1][0] /
                                                   (kv[1][2] or 1))[:5])
     assert not bad, (f"{name} {order} {norm} seed {seed}, {threads} threads: {len(bad)} of "
-                     f"{len(eager)} tensors beyond 2x eager + {FLOOR:g}·scale: {detail}")
+                     f"{len(eager)} tensors beyond {factor:g}x eager + {FLOOR:g}·scale: "
+                     f"{detail}")
+
+
+# bn-conv-relu's fold (fused/bn_conv_relu.py) sums x·(W·s) where eager sums W·norm(x), so
+# its rounding grows with |mean|/std of the unit's input: on ReLU outputs (≈ 1.3) each unit
+# rounds 1.3x as much as eager, and deep networks carry that into their norm-parameter
+# gradients (ResNet-34, seed 0: 2.8x eager's error with the fold, 1.7x without; AlexNet,
+# ResNet-101: 2.0-2.1x with it). The fold is kept: it spares a pass over every unit's input
+# in both directions (ResNet-20 width 0.5, batch 64: training step 1.17x slower without it).
+# With batch statistics those networks are held to the 2x bound with the fold turned off,
+# and to FOLD_ROUNDING times it with the fold on.
+FOLD_ROUNDING = 2.0
+
+
+def folds_with_batch_statistics(order: str, norm: str) -> bool:
+    return order == "bn-conv-relu" and norm in ("bn", "bn-minus")
+
+
+@contextlib.contextmanager
+def fold_limit(limit: float):
+    module = sys.modules["fused.bn_conv_relu"]
+    previous = module.FOLD_MAX_MEAN_OVER_STD
+    module.FOLD_MAX_MEAN_OVER_STD = limit
+    try:
+        yield
+    finally:
+        module.FOLD_MAX_MEAN_OVER_STD = previous
 
 
 _SETTINGS = dict(max_examples=2, deadline=None, derandomize=True, database=None,
@@ -195,8 +225,27 @@ def test_network_within_twice_eager(name, order, norm):
     @settings(**_SETTINGS)
     @given(seed=st.integers(0, 2**31 - 1), threads=st.sampled_from([1, 2]))
     def run(seed, threads):
-        check(name, order, norm, seed, threads)
+        if folds_with_batch_statistics(order, norm):
+            with fold_limit(0.0):  # every unit applies its norm explicitly
+                check(name, order, norm, seed, threads)
+            check(name, order, norm, seed, threads, 2.0 * FOLD_ROUNDING)
+        else:
+            check(name, order, norm, seed, threads)
     run()
+
+
+def test_fold_limit_turns_the_fold_off():
+    """The no-fold configuration above really takes the explicit-norm path (also in the
+    C++ autograd node): the output changes in its last digits, not more."""
+    with networks("resnet20", "bn-conv-relu", "bn", 0, 2) as (eager, fused_net, _, side):
+        x = torch.randn(BATCH, 3, side, side)
+        state = copy.deepcopy(fused_net.state_dict())
+        folded = fused_net.train()(x)
+        fused_net.load_state_dict(state)
+        with fold_limit(0.0):
+            explicit = fused_net(x)
+        assert not torch.equal(folded, explicit)
+        torch.testing.assert_close(folded, explicit, rtol=1e-4, atol=1e-4)
 
 
 def test_three_threads_on_resnet20():

@@ -403,6 +403,40 @@ def test_cpp_norm_composites_match_torch_composition(norm, dtype, channels_last)
             assert results[0][0].is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("norm", ["bn", "bn-minus"])
+def test_norm_coefficients_are_rounded_once(backend, norm):
+    """scale and shift multiply or offset a whole channel, so their rounding is one error
+    shared by every value of it, which the next layer sums in phase: each is the float64
+    value rounded once to float32 (C++ and torch compositions alike), as are backward's
+    per-channel factors dgamma, k2 and k3."""
+    from fused import _norm
+    if backend == "cpp" and fused.backend() != "cpp":
+        pytest.skip("C++ extension not loaded")
+    prims = fused._cpp if backend == "cpp" else None
+    gen = torch.Generator().manual_seed(0)
+    C, eps = 4096, 1e-5
+    mean = torch.randn(C, generator=gen) * 3
+    var = torch.rand(C, generator=gen) * 4 + 1e-3
+    gamma, beta = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+    params = (gamma, beta) if norm == "bn" else (None, None)
+    like = torch.empty(1, C, 1, 1)
+    scale, shift, mean_c, rstd = _norm.coefficients(norm, mean, var, *params, eps, C, like,
+                                                    prims)
+    r64 = 1 / (var.double() + eps).sqrt()
+    s64 = r64 * gamma.double() if norm == "bn" else r64
+    b64 = (beta.double() if norm == "bn" else 0) - mean.double() * s64
+    assert torch.equal(scale, s64.float()) and torch.equal(shift, b64.float())
+    assert torch.equal(rstd, r64.float()) and torch.equal(mean_c, mean)
+    sum_g, sum_gtc = torch.randn(C, generator=gen), torch.randn(C, generator=gen)
+    k1, k2, k3, dgamma, dbeta = _norm.backward_coefficients(sum_g, sum_gtc, scale, rstd, 64,
+                                                            True)
+    d64 = sum_gtc.double() * rstd.double()
+    assert torch.equal(dgamma, d64.float()) and torch.equal(dbeta, sum_g)
+    assert torch.equal(k2, (scale.double() * rstd.double() * d64 / -64).float())
+    assert torch.equal(k3, (scale.double() * sum_g.double() / -64).float())
+
+
 def test_opcheck_cpp_primitives():
     t = torch.randn(3, 4, 5, 5)
     g = torch.randn_like(t)
