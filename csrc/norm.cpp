@@ -80,8 +80,18 @@ Coefficients coefficients_of(const c10::optional<at::Tensor>& mean,
     for (int64_t c = 0; c < C; ++c) {
       r[c] = 1.0 / std::sqrt(vp[c] + eps);
       s[c] = norm == NORM_BN ? r[c] * g.const_data_ptr<double>()[c] : r[c];
-      sh[c] = (norm == NORM_BN ? b.const_data_ptr<double>()[c] : 0.0) - mp[c] * s[c];
     }
+    // The shift as ATen forms it, beta − mean·s with s as rounded (the one apply multiplies
+    // by) and the product rounded before the difference. Far from zero (|mean| >> std) t·s
+    // and b cancel in apply, and b cannot be nearer than half an ulp of mean·s: its error is
+    // a constant per channel, which the next norm removes, so here eager's formula is kept.
+    AT_DISPATCH_FLOATING_TYPES(acc, "bnorder_coefficients", [&] {
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t applied = static_cast<scalar_t>(s[c]);
+        const scalar_t product = static_cast<scalar_t>(mp[c] * static_cast<double>(applied));
+        sh[c] = (norm == NORM_BN ? b.const_data_ptr<double>()[c] : 0.0) - product;
+      }
+    });
   }
   k.mean = m.to(acc, /*non_blocking=*/false, /*copy=*/true);
   k.scale = scale.to(acc);

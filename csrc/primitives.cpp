@@ -105,7 +105,9 @@ inline acc_t load_grad(scalar_t gv, acc_t t, acc_t s, acc_t b) {
 template <int Mode, typename acc_t>
 inline acc_t normalize(acc_t t, acc_t s, acc_t b) {
   acc_t in = Mode == RELU_BEFORE ? relu(t) : t;
-  acc_t v = in * s + b;
+  // One rounding, as ATen's fused multiply-add: far from zero (|mean| >> std) t·s and b
+  // cancel, and a rounded product would leave its error, ulp(t·s)/2, on every value.
+  acc_t v = std::fma(in, s, b);
   return Mode == RELU_AFTER ? relu(v) : v;
 }
 

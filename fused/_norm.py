@@ -74,16 +74,13 @@ def coefficients(norm: str, mean: Optional[Tensor], var: Optional[Tensor],
     # In float64, each coefficient rounded once (csrc/norm.cpp's coefficients_of says why:
     # s_c is one relative error on the whole channel, which later layers sum in phase).
     # Few, fused per-channel ops: each costs microseconds of dispatch, per unit and step.
+    # The shift as ATen forms it, from the scale as rounded (csrc/norm.cpp says why).
     wide = torch.float64
     rstd = rstd_of(var.to(wide), eps)
-    if norm == "bn":
-        scale = rstd * gamma.to(wide)
-        shift = torch.addcmul(beta.to(wide), mean.to(wide), scale, value=-1)
-    else:
-        scale = rstd
-        shift = mean.to(wide) * rstd
-        shift.neg_()
-    return scale.to(acc), shift.to(acc), mean.to(acc), rstd.to(acc)
+    scale = (rstd * gamma.to(wide) if norm == "bn" else rstd).to(acc)
+    product = (mean.to(wide) * scale.to(wide)).to(acc).to(wide)
+    shift = beta.to(wide) - product if norm == "bn" else product.neg_()
+    return scale, shift.to(acc), mean.to(acc), rstd.to(acc)
 
 
 def backward_coefficients(sum_g: Tensor, sum_gtc: Tensor, scale: Tensor, rstd: Tensor,
