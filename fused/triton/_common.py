@@ -22,8 +22,10 @@ from torch import Tensor
 
 # Elements per tile. The interpreter costs ~1-4 ms per program instance whatever its size, so
 # it gets tiles that cover the small test tensors in one or two programs; a GPU wants a few
-# thousand elements per program (16 KB of float32) and enough programs to fill the SMs.
-TILE_ELEMS_GPU = 4096
+# thousand elements per program and enough programs to fill the SMs. A GPU tile lives in
+# registers: at 4 096 elements backward_apply (g, t and six per-channel vectors) spilled up
+# to 6 KB per thread at 4 warps (python -m fused.triton.aot), so 2 048, halved for float64.
+TILE_ELEMS_GPU = 2048
 TILE_ELEMS_INTERPRETER = 1 << 16
 GPU_PROGRAMS = 1024  # reductions: aim for this many partial tiles (≈ 8 per SM on an H100)
 
@@ -151,10 +153,13 @@ class Tiling:
         return (geo.outer * self.splits, triton.cdiv(geo.channels, self.block_c))
 
 
-def tiling(geo: Geometry, reduction: bool, gpu: bool) -> Tiling:
+def tiling(geo: Geometry, reduction: bool, gpu: bool, dtype: torch.dtype) -> Tiling:
     """Launch parameters of every BN primitive (`gpu`: a GPU's, else the interpreter's; see
-    gpu_launch). Tile shape: the stride-1 axis gets the long side of the tile."""
+    gpu_launch). Tile shape: the stride-1 axis gets the long side of the tile. Float64 GPU
+    tiles get half the elements (see TILE_ELEMS_GPU)."""
     budget = TILE_ELEMS_GPU if gpu else TILE_ELEMS_INTERPRETER
+    if gpu and dtype == torch.float64:
+        budget //= 2
     inner_p2 = triton.next_power_of_2(max(geo.inner, 1))
     chan_p2 = triton.next_power_of_2(geo.channels)
     if geo.channels_fastest:

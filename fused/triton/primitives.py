@@ -110,7 +110,7 @@ def stats(t: Tensor, relu_mode: int) -> Tuple[Tensor, Tensor]:
     if t.numel() == 0:
         nan = torch.full((geo.channels,), float("nan"), dtype=acc, device=t.device)
         return nan, nan.clone()
-    tiles = _common.tiling(geo, True, _common.gpu_launch(t))
+    tiles = _common.tiling(geo, True, _common.gpu_launch(t), t.dtype)
     grid = tiles.grid(geo)
     parts = [torch.empty(grid[0], geo.channels, dtype=acc, device=t.device) for _ in range(4)]
     K.stats_partial_kernel[grid](t, *parts, *_strides(geo), tiles.splits,
@@ -124,7 +124,7 @@ def apply(t: Tensor, scale: Tensor, shift: Tensor, relu_mode: int) -> Tensor:
                                       (("scale", scale), ("shift", shift)))
     out = torch.empty_like(t)
     if t.numel():
-        tiles = _common.tiling(geo, False, _common.gpu_launch(t))
+        tiles = _common.tiling(geo, False, _common.gpu_launch(t), t.dtype)
         K.apply_kernel[tiles.grid(geo)](t, out, scale, shift, *_strides(geo), tiles.splits,
                                         RELU_MODE=relu_mode, BLOCK_I=tiles.block_i,
                                         BLOCK_C=tiles.block_c)
@@ -140,7 +140,7 @@ def backward_reduce(g: Tensor, t: Tensor, mean: Tensor, scale: Tensor, shift: Te
     if t.numel() == 0:
         zeros = torch.zeros(geo.channels, dtype=acc, device=t.device)
         return zeros, zeros.clone()
-    tiles = _common.tiling(geo, True, _common.gpu_launch(t))
+    tiles = _common.tiling(geo, True, _common.gpu_launch(t), t.dtype)
     grid = tiles.grid(geo)
     part_g, part_gtc = (torch.empty(grid[0], geo.channels, dtype=acc, device=t.device)
                         for _ in range(2))
@@ -159,7 +159,7 @@ def backward_apply(g: Tensor, t: Tensor, mean: Tensor, scale: Tensor, shift: Ten
          ("k3", k3)), g)
     dt = torch.empty_like(t)
     if t.numel():
-        tiles = _common.tiling(geo, False, _common.gpu_launch(t))
+        tiles = _common.tiling(geo, False, _common.gpu_launch(t), t.dtype)
         K.backward_apply_kernel[tiles.grid(geo)](g, t, dt, *vectors, *_strides(geo),
                                                  tiles.splits, RELU_MODE=relu_mode,
                                                  BLOCK_I=tiles.block_i,

@@ -83,7 +83,7 @@ def test_many_tiles_merge_like_one(monkeypatch):
     monkeypatch.setattr(_common, "TILE_ELEMS_INTERPRETER", 32)
     for tt, gg in ((t, g), (ct, cg)):
         geo = _common.geometry(tt, "test")
-        assert _common.tiling(geo, True, gpu=False).tiles_per_split > 1 or tt is ct
+        assert _common.tiling(geo, True, gpu=False, dtype=t.dtype).tiles_per_split > 1 or tt is ct
         got = [T.stats(tt, 2), T.backward_reduce(gg, tt, v["mean"], v["scale"], v["shift"], 1)]
         for pair, ref_pair in zip(got, expected):
             for a, b in zip(pair, ref_pair):
