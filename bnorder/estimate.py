@@ -15,6 +15,7 @@ a shared machine whose load changes, runs take correspondingly longer or shorter
 """
 from __future__ import annotations
 
+import heapq
 import math
 import statistics
 import time
@@ -83,12 +84,34 @@ def run_seconds(config, timing: Dict, dataset: data_mod.Dataset) -> float:
             + timing["build_s"] + probe)
 
 
+def wall_seconds(durations: List[float], workers: int) -> float:
+    """When the last of `durations` ends if `workers` slots take them in order, each the
+    next as soon as it is free (the local executor's pool)."""
+    free = [0.0] * max(1, workers)
+    for d in durations:
+        heapq.heapreplace(free, free[0] + d)
+    return max(free)
+
+
 def estimate(runs: List[Dict], dataset: data_mod.Dataset, steps: int = TIMED_STEPS,
-             progress: bool = True) -> Dict:
+             progress: bool = True, workers: int = 1) -> Dict:
     """Time each configuration of `runs` (dicts of study.grid) and estimate every run.
-    Returns {"configs": {(model, label, backend): timing + runs + seconds}, "total_s",
-    "timing_s"}."""
+    With `workers` local worker processes each configuration is timed at a worker's thread
+    count (the cores shared out, as the executor sets it) and the total is the pool's wall
+    time. Returns {"configs": {(model, label, backend): timing + runs + seconds},
+    "total_s", "sum_s", "workers", "timing_s"}."""
     from tqdm import tqdm
+    from .executors import threads_per_worker
+    previous_threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(threads_per_worker(workers))
+    try:
+        return _estimate(runs, dataset, steps, progress, workers, tqdm)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _estimate(runs, dataset, steps, progress, workers, tqdm) -> Dict:
     t0 = time.perf_counter()
     firsts: Dict[tuple, Dict] = {}
     for r in runs:
@@ -106,14 +129,15 @@ def estimate(runs: List[Dict], dataset: data_mod.Dataset, steps: int = TIMED_STE
         timings[key] = _time_config(cfg, subset[part], steps)
     bar.close()
     configs = {k: dict(v, runs=0, seconds=0.0) for k, v in timings.items()}
+    each = []
     for r in runs:
         cfg = r["config"]
         c = configs[_key(r)]
         c["runs"] += 1
-        c["seconds"] += run_seconds(cfg, timings[_key(r)],
-                                    subset[(cfg.subset, cfg.test_subset)])
-    return {"configs": configs, "total_s": sum(c["seconds"] for c in configs.values()),
-            "timing_s": time.perf_counter() - t0, "steps": steps}
+        each.append(run_seconds(cfg, timings[_key(r)], subset[(cfg.subset, cfg.test_subset)]))
+        c["seconds"] += each[-1]
+    return {"configs": configs, "total_s": wall_seconds(each, workers), "sum_s": sum(each),
+            "workers": workers, "threads": torch.get_num_threads(), "timing_s": time.perf_counter() - t0, "steps": steps}
 
 
 def duration(seconds: float) -> str:
@@ -146,7 +170,11 @@ def print_estimate(est: Dict, budget_s: float | None = None, extra_s: float = 0.
     console = Console(width=120)
     console.print(table)
     total = est["total_s"] + extra_s
+    workers = est.get("workers", 1)
     line = f"estimated duration: {duration(total)} (training {duration(est['total_s'])}"
+    if workers > 1:
+        line += (f" on {workers} workers at {est.get('threads', '?')} threads each, "
+                 f"{duration(est['sum_s'])} of runs in all")
     line += f", then up to {duration(extra_s)} of step-time measurement)" if extra_s else ")"
     console.print(line, highlight=False)
     if budget_s is not None and est["total_s"] > budget_s:

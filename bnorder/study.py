@@ -185,11 +185,13 @@ def machine() -> Dict:
             "fused_backend": fused.backend(), "extension_error": fused.extension_error()}
 
 
-def estimate_runs(spec: Dict, todo: List[Dict], dataset, progress: bool = True) -> Dict:
+def estimate_runs(spec: Dict, todo: List[Dict], dataset, progress: bool = True,
+                  workers: int = 1) -> Dict:
     """Time each configuration of `todo` and print the estimated duration (bnorder.estimate)
-    of running them one after another, the step-time measurement's budget included."""
+    of running them on `workers` local workers (one: one after another), the step-time
+    measurement's budget included."""
     from . import estimate
-    est = estimate.estimate(todo, dataset, progress=progress)
+    est = estimate.estimate(todo, dataset, progress=progress, workers=workers)
     estimate.print_estimate(est, spec.get("budget_s"),
                             spec.get("bench_budget_s", 0) if spec.get("bench_rounds") else 0)
     return est
@@ -208,7 +210,9 @@ def run_study(spec: Dict, out: Path, progress: bool = True,
           f"already finished)", flush=True)
     dataset = data_mod.load(spec["data"], spec.get("data_dir")) if todo else None
     if todo and spec.get("estimate", True):
-        estimate_runs(spec, todo, dataset, progress)
+        local = (execution or {}).get("executor", "local") == "local"
+        estimate_runs(spec, todo, dataset, progress,
+                      ((execution or {}).get("workers") or 1) if local else 1)
     t0 = time.perf_counter()
     jobs = [executors.Job(f"{r['model']:<9} {r['label']:<13} {r['backend']:<5} "
                           f"seed {r['seed']}", r["config"], run_dir(out, r)) for r in todo]
@@ -249,8 +253,11 @@ def main(args) -> int:
         if not todo:
             print(f"study {spec['preset']}: every run in {out} is finished")
             return 0
+        execution = executors.options(args)
+        local = execution.get("executor", "local") == "local"
         estimate_runs(spec, todo, data_mod.load(spec["data"], spec.get("data_dir")),
-                      progress=not args.no_progress)
+                      progress=not args.no_progress,
+                      workers=(execution.get("workers") or 1) if local else 1)
         return 0
     if args.report_only:
         if not (out / "study.json").exists():

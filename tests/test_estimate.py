@@ -1,6 +1,7 @@
 """bnorder.estimate: a run's estimate is the timed step and evaluation batch times the run's
 step and batch counts, every configuration is timed once, and the study prints the total."""
 import pytest
+import torch
 
 from bnorder import data as data_mod
 from bnorder import estimate, study
@@ -40,6 +41,42 @@ def test_estimate_times_each_configuration_once(capsys):
     out = capsys.readouterr().out
     assert "estimated duration" in out and "exceeds the time budget" in out
     assert "none" in out and "conv-bn-relu" in out
+
+
+def test_wall_seconds_is_the_pool_taking_runs_in_order():
+    assert estimate.wall_seconds([3, 1, 1, 1], 1) == 6
+    # worker 1: 3; worker 2: 1, 1, 1 -> both free at 3
+    assert estimate.wall_seconds([3, 1, 1, 1], 2) == 3
+    # in order, not rearranged: the long run comes last and starts at 2
+    assert estimate.wall_seconds([1, 1, 1, 1, 4], 2) == 6
+    assert estimate.wall_seconds([], 4) == 0
+
+
+def test_estimate_with_workers_times_at_a_workers_threads(monkeypatch, capsys):
+    """--workers N: each configuration timed at cores/N threads, as each worker runs; the
+    total is the pool's wall time, and the thread count is restored afterwards."""
+    from bnorder import executors
+    monkeypatch.setattr(executors, "cores", lambda: 4)
+    seen = []
+    real = estimate._time_config
+
+    def timed(config, dataset, steps):
+        seen.append(torch.get_num_threads())
+        return real(config, dataset, steps)
+
+    monkeypatch.setattr(estimate, "_time_config", timed)
+    spec = dict(study.PRESETS["quick"], models=["cnn"], orders=["conv-bn-relu"],
+                norms=["bn"], seeds=[0, 1, 2], data="synthetic", subset=64, test_subset=64,
+                batch_size=16, epochs=1, widths={"cnn": 0.5})
+    runs = study.grid(spec)
+    before = torch.get_num_threads()
+    est = estimate.estimate(runs, data_mod.load("synthetic"), steps=1, progress=False,
+                            workers=2)
+    assert seen == [2] and torch.get_num_threads() == before
+    one = est["sum_s"] / 3
+    assert est["total_s"] == pytest.approx(2 * one)      # three equal runs on two workers
+    estimate.print_estimate(est)
+    assert "on 2 workers at 2 threads each" in capsys.readouterr().out
 
 
 def test_duration():
