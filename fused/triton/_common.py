@@ -29,6 +29,19 @@ TILE_ELEMS_GPU = 2048
 TILE_ELEMS_INTERPRETER = 1 << 16
 GPU_PROGRAMS = 1024  # reductions: aim for this many partial tiles (≈ 8 per SM on an H100)
 
+# ptxas, left to choose, holds some kernels well below 255 registers per thread and spills
+# there instead: the full ahead-of-time sweep (python -m fused.triton.aot, 6 312 variants)
+# found 131 spilling 2 B to 6 KB, many at 40-128 registers. Allowed 255 (.maxnreg), every
+# variant compiles without a spill; the BN primitives then take at most 175 registers, the
+# convolutions up to 255 (one block of 8 warps per SM). Whether that occupancy or the old
+# spills cost more is for a GPU to tell (`bnorder check --gpu`).
+GPU_MAXNREG = 255
+
+
+def gpu_compile_options(gpu: bool) -> dict:
+    """Compile options of every GPU launch (none in the interpreter)."""
+    return {"maxnreg": GPU_MAXNREG} if gpu else {}
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -148,6 +161,7 @@ class Tiling:
     block_c: int
     tiles_per_split: int  # reductions: consecutive inner tiles one program merges
     splits: int           # reductions: programs per outer index along inner
+    options: dict         # compile options (gpu_compile_options)
 
     def grid(self, geo: Geometry):
         return (geo.outer * self.splits, triton.cdiv(geo.channels, self.block_c))
@@ -175,4 +189,5 @@ def tiling(geo: Geometry, reduction: bool, gpu: bool, dtype: torch.dtype) -> Til
         programs_wanted = max(1, GPU_PROGRAMS // (geo.outer * triton.cdiv(geo.channels,
                                                                           block_c)))
         per_split = max(1, triton.cdiv(tiles, programs_wanted))
-    return Tiling(block_i, block_c, per_split, triton.cdiv(tiles, per_split))
+    return Tiling(block_i, block_c, per_split, triton.cdiv(tiles, per_split),
+                  gpu_compile_options(gpu))

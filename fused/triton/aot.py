@@ -375,8 +375,9 @@ def bound(variant: Variant) -> Variant:
 
 
 def quick_subset(todo: Sequence[Variant]) -> List[Variant]:
-    """A covering subset for CI: per kernel and target, the heaviest variant of every dtype,
-    then, greedily, variants until every value of every launch parameter (block sizes,
+    """A covering subset for CI: per kernel and target, the heaviest variant of every dtype
+    and memory layout (a layout decides which vectors a tile broadcasts), then, greedily,
+    variants until every value of every launch parameter (block sizes,
     kernel taps, flags, dtype, layout) has been compiled at least once."""
     chosen: List[Variant] = []
     groups: Dict[tuple, List[Variant]] = {}
@@ -386,7 +387,7 @@ def quick_subset(todo: Sequence[Variant]) -> List[Variant]:
         group = sorted(group, key=_weight, reverse=True)
         picked = {}
         for v in group:
-            picked.setdefault(v.dtype_text, v)
+            picked.setdefault((v.dtype_text, v.launches[0].context.rsplit(" ", 1)[-1]), v)
         picked = list(picked.values())
         covered = set().union(*(_kwargs_items(v) for v in picked))
         wanted = set().union(*(_kwargs_items(v) for v in group))
@@ -592,7 +593,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compiler processes (default: one per CPU)")
     parser.add_argument("--quick", action="store_true",
-                        help="compile a covering subset (the heaviest variant per dtype, then "
+                        help="compile a covering subset (the heaviest variant per dtype and "
+                             "layout, then "
                              "every launch-parameter value at least once): the CI check")
     parser.add_argument("--all-rows", action="store_true",
                         help="print every variant (default: problems, then a summary per "

@@ -90,10 +90,12 @@ GPU_MAX_K = 16
 
 
 def _pipeline(dtype: torch.dtype, gpu: bool) -> Dict[str, int]:
-    """num_warps / num_stages of a GPU convolution launch (the interpreter takes none)."""
+    """num_warps / num_stages (and _common's compile options) of a GPU convolution launch
+    (the interpreter takes none)."""
     if not gpu:
         return {}
-    return dict(num_warps=8, num_stages=1 if dtype == torch.float64 else 2)
+    return dict(num_warps=8, num_stages=1 if dtype == torch.float64 else 2,
+                **_common.gpu_compile_options(True))
 
 
 def _block(n: int, gpu: bool, gpu_cap: int, interp_cap: int) -> int:

@@ -27,12 +27,13 @@ name = "triton"
 
 def merge_blocks(c: int, gpu: bool) -> dict:
     """BLOCK_P (partial rows per step) and BLOCK_C (channels per program) of the (P, C)
-    merge kernels. On a GPU 32 × 32: at 64 × 128 three float64 partials need 255 registers
-    per thread and spill, and triton 3.8 still spills a few bytes at 64 × 32 on sm_90
-    (fused.triton.aot); 32 × 32 compiles without. The interpreter keeps 64 × 128 (fewer,
-    larger programs)."""
+    merge kernels, with a GPU launch's compile options. On a GPU 32 × 32: at 64 × 128
+    three float64 partials need 255 registers per thread and spill, and triton 3.8 still
+    spills a few bytes at 64 × 32 on sm_90 (fused.triton.aot); 32 × 32 compiles without.
+    The interpreter keeps 64 × 128 (fewer, larger programs)."""
     return dict(BLOCK_P=32 if gpu else 64,
-                BLOCK_C=min(triton.next_power_of_2(c), 32 if gpu else 128))
+                BLOCK_C=min(triton.next_power_of_2(c), 32 if gpu else 128),
+                **_common.gpu_compile_options(gpu))
 
 
 def _check_vector(v: Tensor, what: str, t: Tensor, op: str) -> None:
@@ -115,7 +116,8 @@ def stats(t: Tensor, relu_mode: int) -> Tuple[Tensor, Tensor]:
     parts = [torch.empty(grid[0], geo.channels, dtype=acc, device=t.device) for _ in range(4)]
     K.stats_partial_kernel[grid](t, *parts, *_strides(geo), tiles.splits,
                                  tiles.tiles_per_split, RELU_MODE=relu_mode,
-                                 BLOCK_I=tiles.block_i, BLOCK_C=tiles.block_c)
+                                 BLOCK_I=tiles.block_i, BLOCK_C=tiles.block_c,
+                                 **tiles.options)
     return merge_moments(*parts)
 
 
@@ -127,7 +129,7 @@ def apply(t: Tensor, scale: Tensor, shift: Tensor, relu_mode: int) -> Tensor:
         tiles = _common.tiling(geo, False, _common.gpu_launch(t), t.dtype)
         K.apply_kernel[tiles.grid(geo)](t, out, scale, shift, *_strides(geo), tiles.splits,
                                         RELU_MODE=relu_mode, BLOCK_I=tiles.block_i,
-                                        BLOCK_C=tiles.block_c)
+                                        BLOCK_C=tiles.block_c, **tiles.options)
     return out
 
 
@@ -147,7 +149,7 @@ def backward_reduce(g: Tensor, t: Tensor, mean: Tensor, scale: Tensor, shift: Te
     K.backward_reduce_kernel[grid](g, t, mean, scale, shift, part_g, part_gtc,
                                    *_strides(geo), tiles.splits, tiles.tiles_per_split,
                                    RELU_MODE=relu_mode, BLOCK_I=tiles.block_i,
-                                   BLOCK_C=tiles.block_c)
+                                   BLOCK_C=tiles.block_c, **tiles.options)
     return sum_partials(part_g, part_gtc)
 
 
@@ -163,5 +165,5 @@ def backward_apply(g: Tensor, t: Tensor, mean: Tensor, scale: Tensor, shift: Ten
         K.backward_apply_kernel[tiles.grid(geo)](g, t, dt, *vectors, *_strides(geo),
                                                  tiles.splits, RELU_MODE=relu_mode,
                                                  BLOCK_I=tiles.block_i,
-                                                 BLOCK_C=tiles.block_c)
+                                                 BLOCK_C=tiles.block_c, **tiles.options)
     return dt
