@@ -10,8 +10,12 @@ for allocations and kernel selection). A run's estimate is then
 
 with set-up the measured model construction plus the two gradient-flow probes (one step on
 the probe batch each). Two warm-up steps and one warm-up evaluation batch come first: the
-first calls of a fresh model allocate, select kernels and (in evaluation) fold the norms. The figure holds for the machine as loaded while it is measured: on
-a shared machine whose load changes, runs take correspondingly longer or shorter.
+first calls of a fresh model allocate, select kernels and (in evaluation) fold the norms.
+With N local workers (`--workers N`) each configuration is timed at cores/N threads, as
+each worker runs, and the total is when a pool of N finishes the runs in order; the workers
+then also share memory bandwidth, which one timing alone does not see. The figure holds for
+the machine as loaded while it is measured: on a shared machine whose load changes, runs
+take correspondingly longer or shorter.
 """
 from __future__ import annotations
 
@@ -137,7 +141,8 @@ def _estimate(runs, dataset, steps, progress, workers, tqdm) -> Dict:
         each.append(run_seconds(cfg, timings[_key(r)], subset[(cfg.subset, cfg.test_subset)]))
         c["seconds"] += each[-1]
     return {"configs": configs, "total_s": wall_seconds(each, workers), "sum_s": sum(each),
-            "workers": workers, "threads": torch.get_num_threads(), "timing_s": time.perf_counter() - t0, "steps": steps}
+            "workers": workers, "threads": torch.get_num_threads(),
+            "timing_s": time.perf_counter() - t0, "steps": steps}
 
 
 def duration(seconds: float) -> str:

@@ -72,7 +72,8 @@ Coefficients coefficients_of(const c10::optional<at::Tensor>& mean,
   const at::Tensor b = norm == NORM_BN ? channel_vector(beta, "beta", C, at::kDouble, op)
                                        : at::Tensor();
   const auto wide = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor scale = at::empty({C}, wide), shift = at::empty({C}, wide), rstd = at::empty({C}, wide);
+  at::Tensor scale = at::empty({C}, wide), shift = at::empty({C}, wide);
+  at::Tensor rstd = at::empty({C}, wide);
   {
     const double *mp = m.const_data_ptr<double>(), *vp = v.const_data_ptr<double>();
     double *s = scale.mutable_data_ptr<double>(), *sh = shift.mutable_data_ptr<double>(),
