@@ -178,7 +178,8 @@ def print_estimate(est: Dict, budget_s: float | None = None, extra_s: float = 0.
     workers = est.get("workers", 1)
     line = f"estimated duration: {duration(total)} (training {duration(est['total_s'])}"
     if workers > 1:
-        line += (f" on {workers} workers at {est.get('threads', '?')} threads each, "
+        threads = est.get("threads", "?")
+        line += (f" on {workers} workers at {threads} thread{'' if threads == 1 else 's'} each, "
                  f"{duration(est['sum_s'])} of runs in all")
     line += f", then up to {duration(extra_s)} of step-time measurement)" if extra_s else ")"
     console.print(line, highlight=False)
