@@ -160,8 +160,11 @@ def weight_grad_config(n: int, c: int, o: int, r: int, s: int, p: int, q: int,
                        dtype: torch.dtype, gpu: bool) -> Launch:
     """conv_wgrad_kernel for dW (o, c, r, s) over a gradient (n, o, p, q)."""
     rows = n * p * q
+    # float32 without tensor cores holds its products in registers: at 64 x 64 the dy
+    # prologue's variant reached the 255-register cap and spilled 4 B on sm_90 (triton 3.8).
+    fma_float32 = dtype == torch.float32 and precision(dtype, gpu) == "ieee"
     block_m = _channels_block(o, gpu, 64)
-    block_n = _channels_block(c, gpu, 64)
+    block_n = _channels_block(c, gpu, 32 if fma_float32 else 64)
     block_k = _block(rows, gpu, GPU_MAX_K, INTERPRETER_MAX_ROWS)
     tiles = triton.cdiv(o, block_m) * triton.cdiv(c, block_n) * r * s
     split = wgrad_splits(rows, tiles, block_k, gpu)
