@@ -104,18 +104,18 @@ def estimate(runs: List[Dict], dataset: data_mod.Dataset, steps: int = TIMED_STE
     count (the cores shared out, as the executor sets it) and the total is the pool's wall
     time. Returns {"configs": {(model, label, backend): timing + runs + seconds},
     "total_s", "sum_s", "workers", "timing_s"}."""
-    from tqdm import tqdm
     from .executors import threads_per_worker
     previous_threads = torch.get_num_threads()
     if workers > 1:
         torch.set_num_threads(threads_per_worker(workers))
     try:
-        return _estimate(runs, dataset, steps, progress, workers, tqdm)
+        return _estimate(runs, dataset, steps, progress, workers)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _estimate(runs, dataset, steps, progress, workers, tqdm) -> Dict:
+def _estimate(runs, dataset, steps, progress, workers) -> Dict:
+    from tqdm import tqdm
     t0 = time.perf_counter()
     firsts: Dict[tuple, Dict] = {}
     for r in runs:

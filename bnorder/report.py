@@ -369,9 +369,9 @@ def _sections(spec: Dict, res: Dict, figures: Dict, n_runs: int, n_done: int) ->
                 "growing with the steps, most in deep plain networks (a thin VGG-16 reaches "
                 "1e-2 within a few steps; eager alone moves as far, 2e-3 to 3e-1 over 12 "
                 "steps, when its input moves by one ulp, and in float64 the two backends' "
-                "gradients agree to 1e-10). It is a size to read, not a pass/fail test: the float64 network "
-                "comparisons of the test suite are the correctness check. The last column is Welch's t-test against "
-                "conv-bn-relu; with fewer than two seeds no test is run, and with fewer than "
+                "gradients agree to 1e-10). It is a size to read, not a pass/fail test: the "
+                "float64 network comparisons of the test suite are the correctness check. "
+                "The last column is Welch's t-test against conv-bn-relu; with fewer than two seeds no test is run, and with fewer than "
                 "five its power is low."),
           ("table", head, table),
           ("img", figures["final"], "final test accuracy")]

@@ -185,6 +185,15 @@ def machine() -> Dict:
             "fused_backend": fused.backend(), "extension_error": fused.extension_error()}
 
 
+def local_workers(execution: Optional[Dict]) -> int:
+    """Worker processes on this machine for `execution` (executors.options): the estimate
+    times for them; a Ray cluster's are not known here, so its estimate is sequential."""
+    execution = execution or {}
+    if execution.get("executor", "local") != "local":
+        return 1
+    return execution.get("workers") or 1
+
+
 def estimate_runs(spec: Dict, todo: List[Dict], dataset, progress: bool = True,
                   workers: int = 1) -> Dict:
     """Time each configuration of `todo` and print the estimated duration (bnorder.estimate)
@@ -210,9 +219,7 @@ def run_study(spec: Dict, out: Path, progress: bool = True,
           f"already finished)", flush=True)
     dataset = data_mod.load(spec["data"], spec.get("data_dir")) if todo else None
     if todo and spec.get("estimate", True):
-        local = (execution or {}).get("executor", "local") == "local"
-        estimate_runs(spec, todo, dataset, progress,
-                      ((execution or {}).get("workers") or 1) if local else 1)
+        estimate_runs(spec, todo, dataset, progress, local_workers(execution))
     t0 = time.perf_counter()
     jobs = [executors.Job(f"{r['model']:<9} {r['label']:<13} {r['backend']:<5} "
                           f"seed {r['seed']}", r["config"], run_dir(out, r)) for r in todo]
@@ -253,11 +260,9 @@ def main(args) -> int:
         if not todo:
             print(f"study {spec['preset']}: every run in {out} is finished")
             return 0
-        execution = executors.options(args)
-        local = execution.get("executor", "local") == "local"
         estimate_runs(spec, todo, data_mod.load(spec["data"], spec.get("data_dir")),
                       progress=not args.no_progress,
-                      workers=(execution.get("workers") or 1) if local else 1)
+                      workers=local_workers(executors.options(args)))
         return 0
     if args.report_only:
         if not (out / "study.json").exists():

@@ -88,14 +88,15 @@ def backward_coefficients(sum_g: Tensor, sum_gtc: Tensor, scale: Tensor, rstd: T
     """(k1, k2, k3, dgamma, dbeta) from the two backward sums, in float64 and rounded once
     to the sums' dtype: k2 and k3 are per-channel factors of the whole channel's gradient."""
     acc, wide = sum_g.dtype, torch.float64
-    dbeta = sum_g
-    dgamma = sum_gtc.to(wide) * rstd.to(wide)
+    rstd_w = rstd.to(wide)
+    dgamma = sum_gtc.to(wide) * rstd_w
     if not batch_stats:
         zeros = torch.zeros_like(scale)
-        return scale, zeros, zeros, dgamma.to(acc), dbeta
-    k2 = (scale.to(wide) * rstd.to(wide)).mul_(dgamma).mul_(-1.0 / count)
-    k3 = (scale.to(wide) * sum_g.to(wide)).mul_(-1.0 / count)
-    return scale, k2.to(acc), k3.to(acc), dgamma.to(acc), dbeta
+        return scale, zeros, zeros, dgamma.to(acc), sum_g
+    scale_w = scale.to(wide)
+    k2 = (scale_w * rstd_w).mul_(dgamma).mul_(-1.0 / count)
+    k3 = (scale_w * sum_g.to(wide)).mul_(-1.0 / count)
+    return scale, k2.to(acc), k3.to(acc), dgamma.to(acc), sum_g
 
 
 def forward(prims, t: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],

@@ -87,6 +87,8 @@ NETWORKS = {  # name: (build options, input side)
     "resnet101": ({"width": 0.25}, 64),
 }
 SLOW = {"alexnet", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101"}
+
+
 def cases():
     for name in NETWORKS:
         for order in fused.ORDERS:
@@ -294,16 +296,7 @@ def check_units(name, order, norm, seed, threads):
                           + "; ".join(failures[:6]))
 
 
-def unit_cases():
-    for name in NETWORKS:
-        for order in fused.ORDERS:
-            for norm in NORMS:
-                yield pytest.param(name, order, norm,
-                                   marks=[pytest.mark.slow] if name in SLOW else [],
-                                   id=f"{name}-{order}-{norm}")
-
-
-@pytest.mark.parametrize("name, order, norm", list(unit_cases()))
+@pytest.mark.parametrize("name, order, norm", list(cases()))
 def test_every_unit_within_twice_eager_on_network_activations(name, order, norm):
     """Each unit on the activations and gradients it meets inside the network. Unlike the
     whole-network test, both implementations see bit-identical inputs, so how much the

@@ -335,10 +335,15 @@ def variants(launches: Sequence[Launch], archs: Sequence[int]) -> List[Variant]:
     return list(out.values())
 
 
+def _layout(launch: Launch) -> str:
+    """The memory layout a launch was recorded under (the last word of its context)."""
+    return launch.context.rsplit(" ", 1)[-1]
+
+
 def _kwargs_items(variant: Variant) -> set:
     return {(k, v) for k, v in variant.launches[0].kwargs.items()} | {
         ("dtype", variant.dtype_text),
-        ("layout", variant.launches[0].context.rsplit(" ", 1)[-1])}
+        ("layout", _layout(variant.launches[0]))}
 
 
 def _weight(variant: Variant) -> tuple:
@@ -360,7 +365,7 @@ def by_launch_parameters(launches: Sequence[Launch], archs: Sequence[int]) -> Li
     for launch in launches:
         for arch in archs:
             key = (launch.kernel, arch, tuple(sorted(launch.kwargs.items())), launch.dtype,
-                   launch.tf32, launch.context.rsplit(" ", 1)[-1])
+                   launch.tf32, _layout(launch))
             if key not in out:
                 out[key] = Variant(launch.kernel, launch.module, arch, {}, {}, {}, {})
             out[key].launches.append(launch)
@@ -387,7 +392,7 @@ def quick_subset(todo: Sequence[Variant]) -> List[Variant]:
         group = sorted(group, key=_weight, reverse=True)
         picked = {}
         for v in group:
-            picked.setdefault((v.dtype_text, v.launches[0].context.rsplit(" ", 1)[-1]), v)
+            picked.setdefault((v.dtype_text, _layout(v.launches[0])), v)
         picked = list(picked.values())
         covered = set().union(*(_kwargs_items(v) for v in picked))
         wanted = set().union(*(_kwargs_items(v) for v in group))
