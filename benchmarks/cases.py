@@ -281,6 +281,14 @@ def saved_bytes(fn: Callable[[], object], exclude=()) -> Tuple[int, List[tuple]]
     return sum(v[2] for v in storages.values()), list(storages.values())
 
 
+def activation_bytes(tensors: List[tuple]) -> int:
+    """The bytes of saved_bytes' storages that are not per-channel vectors (1-D): the
+    activation-sized tensors. The per-channel statistics differ in width by design (fused
+    keeps the mean and variance in float64 for the centered norm, fused/_norm.py; eager
+    saves float32 mean and inverse std), 8 bytes per normalized channel."""
+    return sum(nbytes for shape, _, nbytes in tensors if len(shape) != 1)
+
+
 class _LiveBytes(TorchDispatchMode):
     """Tracks the storages every op creates and their peak total while they are alive
     (checked at op boundaries; what an op allocates and frees inside itself is not seen)."""

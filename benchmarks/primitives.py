@@ -48,7 +48,7 @@ def measure(shape, channels_last: bool, rounds: int) -> dict:
     passes = {  # tensor-sized reads + writes of each call
         "copy": (2, lambda: t.clone()),
         "stats": (1, lambda: ops.stats(t, 0)),
-        "apply": (2, lambda: ops.apply(t, v[0], v[1], 1)),
+        "apply": (2, lambda: ops.apply(t, v[0], v[1], v[2], 1)),
         "backward_reduce": (2, lambda: ops.backward_reduce(g, t, v[0], v[1], v[2], 1)),
         "backward_apply": (3, lambda: ops.backward_apply(g, t, *v, 1)),
     }
@@ -85,7 +85,7 @@ def relu_mode_ratios(shape=(64, 16, 32, 32), channels_last: bool = False,
     k1, k2, k3 = torch.rand(c) + 0.5, torch.randn(c), torch.randn(c)
     primitives = {
         "stats": lambda m: ops.stats(t, m, False),
-        "apply": lambda m: ops.apply(t, scale, shift, m),
+        "apply": lambda m: ops.apply(t, mean, scale, shift, m),
         "backward_reduce": lambda m: ops.backward_reduce(g, t, mean, scale, shift, m),
         "backward_apply": lambda m: ops.backward_apply(g, t, mean, scale, shift, k1, k2, k3, m),
     }

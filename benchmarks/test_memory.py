@@ -72,6 +72,7 @@ def test_memory(benchmark, case):
         order=case.order, norm=case.norm, provider=case.provider, batch=case.batch,
         memory_format="nchw", device=case.device, saved_bytes=mine["saved_bytes"],
         saved_tensors=[list(t) for t in mine["saved_tensors"]],
+        saved_activation_bytes=cases.activation_bytes(mine["saved_tensors"]),
         peak_bytes=mine["peak_bytes"],
         saved_ratio_to_eager=mine["saved_bytes"] / eager["saved_bytes"],
         peak_ratio_to_eager=mine["peak_bytes"] / eager["peak_bytes"])

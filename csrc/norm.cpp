@@ -2,6 +2,7 @@
 // algebra and the same composition in torch ops for the other backends):
 //
 //   coefficients   mean, var, gamma, beta        -> s_c, b_c, mean_c, rstd_c
+//                  norm(t) = (t − mean_c)·s_c + b_c, mean_c in float64 (kExactShiftAbove)
 //   norm_forward   t                             -> apply(t)      (stats, coefficients, apply)
 //   norm_backward  g, t                          -> dt, dgamma, dbeta
 //                                                   (backward_reduce, k1..k3, backward_apply)
@@ -18,6 +19,16 @@ namespace bnorder {
 namespace {
 
 constexpr int64_t NORM_BN = 0, NORM_BN_MINUS = 1, NORM_AFFINE = 2;
+
+// |mean|·rstd above which a channel's mean keeps its float64 digits. There the shift as
+// eager forms it, beta − mean·s rounded, is off by up to half an ulp of mean·s, an offset
+// on every value of the channel that grows with |mean|/std (5e-4 at mean 1e4, std 1) and
+// dominates the next convolution's weight gradient; the passes then add the rest of the
+// shift (primitives.cpp, ChannelTerms). Below it the mean is rounded to the accumulation
+// dtype and the passes are eager's t·s + b exactly: there the extra rounding of adding the
+// rest would cost more than the offset it removes (AlexNet conv-relu-bn, whose norms see ReLU
+// outputs with |mean|/std ≈ 1.3, went from within 2x eager's error to 2.2x with it).
+constexpr double kExactShiftAbove = 16.0;
 
 void check_norm_code(int64_t norm, const char* op) {
   TORCH_CHECK(norm >= NORM_BN && norm <= NORM_AFFINE, op,
@@ -41,9 +52,9 @@ struct Coefficients {
   at::Tensor scale, shift, mean, rstd;
 };
 
-// bn: s = gamma·rstd, b = beta − mean·s; bn-minus: s = rstd, b = −mean·s;
-// affine: s = gamma, b = beta, with mean = 0 and rstd = 1 so that one backward formula
-// serves all three (see _norm.py).
+// bn: s = gamma·rstd, b = beta; bn-minus: s = rstd, b = 0; affine: s = gamma, b = beta, with
+// mean = 0 and rstd = 1 so that one backward formula serves all three (see _norm.py). The
+// mean is returned in float64, every digit the statistics have: the passes center on it.
 Coefficients coefficients_of(const c10::optional<at::Tensor>& mean,
                              const c10::optional<at::Tensor>& var,
                              const c10::optional<at::Tensor>& gamma,
@@ -55,7 +66,7 @@ Coefficients coefficients_of(const c10::optional<at::Tensor>& mean,
   if (norm == NORM_AFFINE) {
     k.scale = channel_vector(gamma, "gamma", C, acc, op, /*copy=*/true);
     k.shift = channel_vector(beta, "beta", C, acc, op, /*copy=*/true);
-    k.mean = at::zeros({C}, options);
+    k.mean = at::zeros({C}, at::TensorOptions().dtype(at::kDouble));
     k.rstd = at::ones({C}, options);
     return k;
   }
@@ -65,38 +76,28 @@ Coefficients coefficients_of(const c10::optional<at::Tensor>& mean,
   // coherent error that the next convolution sums in phase instead of averaging away, and
   // that a later norm over few or nearly equal values amplifies by 1/std. Computed in
   // float32 (1/sqrt(var + eps), then ·gamma) it carried four roundings; eager ATen's two.
-  const at::Tensor m = channel_vector(mean, "mean", C, at::kDouble, op);
+  const at::Tensor m = channel_vector(mean, "mean", C, at::kDouble, op, /*copy=*/true);
   const at::Tensor v = channel_vector(var, "var", C, at::kDouble, op);
   const at::Tensor g = norm == NORM_BN ? channel_vector(gamma, "gamma", C, at::kDouble, op)
                                        : at::Tensor();
   const at::Tensor b = norm == NORM_BN ? channel_vector(beta, "beta", C, at::kDouble, op)
                                        : at::Tensor();
   const auto wide = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor scale = at::empty({C}, wide), shift = at::empty({C}, wide);
-  at::Tensor rstd = at::empty({C}, wide);
+  at::Tensor scale = at::empty({C}, wide), rstd = at::empty({C}, wide);
   {
-    const double *mp = m.const_data_ptr<double>(), *vp = v.const_data_ptr<double>();
-    double *s = scale.mutable_data_ptr<double>(), *sh = shift.mutable_data_ptr<double>(),
-           *r = rstd.mutable_data_ptr<double>();
+    const double* vp = v.const_data_ptr<double>();
+    double *s = scale.mutable_data_ptr<double>(), *r = rstd.mutable_data_ptr<double>();
+    double* mp = m.mutable_data_ptr<double>();
     for (int64_t c = 0; c < C; ++c) {
       r[c] = 1.0 / std::sqrt(vp[c] + eps);
       s[c] = norm == NORM_BN ? r[c] * g.const_data_ptr<double>()[c] : r[c];
+      if (acc == at::kFloat && !(std::abs(mp[c]) * r[c] > kExactShiftAbove))
+        mp[c] = static_cast<double>(static_cast<float>(mp[c]));
     }
-    // The shift as ATen forms it, beta − mean·s with s as rounded (the one apply multiplies
-    // by) and the product rounded before the difference. Far from zero (|mean| >> std) t·s
-    // and b cancel in apply, and b cannot be nearer than half an ulp of mean·s: its error is
-    // a constant per channel, which the next norm removes, so here eager's formula is kept.
-    AT_DISPATCH_FLOATING_TYPES(acc, "bnorder_coefficients", [&] {
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t applied = static_cast<scalar_t>(s[c]);
-        const scalar_t product = static_cast<scalar_t>(mp[c] * static_cast<double>(applied));
-        sh[c] = (norm == NORM_BN ? b.const_data_ptr<double>()[c] : 0.0) - product;
-      }
-    });
   }
-  k.mean = m.to(acc, /*non_blocking=*/false, /*copy=*/true);
+  k.mean = m;
   k.scale = scale.to(acc);
-  k.shift = shift.to(acc);
+  k.shift = norm == NORM_BN ? b.to(acc) : at::zeros({C}, options);
   k.rstd = rstd.to(acc);
   return k;
 }
@@ -131,15 +132,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forw
   const auto acc = acc_of(t);
   at::Tensor mean, var;
   if (batch_stats) {
-    std::tie(mean, var) = stats(t, relu_mode);
+    // In float64: apply centers on the mean with all its digits, and the backward recomputes
+    // the same pre-activation from the saved statistics.
+    std::tie(mean, var) = stats(t, relu_mode, /*exact=*/true);
   }
   Coefficients k = batch_stats
       ? coefficients_of(mean, var, gamma, beta, eps, norm, t.size(1), acc, op)
       : coefficients_of(mean_in, var_in, gamma, beta, eps, norm, t.size(1), acc, op);
-  at::Tensor out = apply_norm ? apply(t, k.scale, k.shift, relu_mode) : t.new_empty({0});
+  at::Tensor out = apply_norm ? apply(t, k.mean, k.scale, k.shift, relu_mode) : t.new_empty({0});
   if (!batch_stats) {
-    mean = at::empty({0}, t.options().dtype(acc));
-    var = at::empty({0}, t.options().dtype(acc));
+    mean = at::empty({0}, t.options().dtype(at::kDouble));
+    var = at::empty({0}, t.options().dtype(at::kDouble));
   }
   return {out, mean, var, k.scale, k.shift};
 }
@@ -198,6 +201,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
     bool batch_stats, bool input_grad) {
   return norm_backward_into(g, t, mean, var, gamma, beta, eps, norm, relu_mode, batch_stats,
                             input_grad, /*into=*/at::Tensor());
+}
+
+at::Tensor affine_shift(const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift) {
+  const char* op = "bnorder_cpu::affine_shift";
+  const int64_t C = scale.numel();
+  TORCH_CHECK(mean.numel() == C && shift.numel() == C, op,
+              ": mean, scale and shift must have one value per channel, got ", mean.sizes(),
+              ", ", scale.sizes(), ", ", shift.sizes());
+  // In float64 from the scale as rounded, then rounded once.
+  const at::Tensor m = mean.to(at::kDouble), s = scale.to(at::kDouble), b = shift.to(at::kDouble);
+  return (b - m * s).to(scale.scalar_type());
 }
 
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,

@@ -4,7 +4,7 @@
 
 TORCH_LIBRARY(bnorder_cpu, m) {
   m.def("stats(Tensor t, int relu_mode, bool exact=False) -> (Tensor mean, Tensor var)");
-  m.def("apply(Tensor t, Tensor scale, Tensor shift, int relu_mode) -> Tensor");
+  m.def("apply(Tensor t, Tensor mean, Tensor scale, Tensor shift, int relu_mode) -> Tensor");
   m.def("backward_reduce(Tensor g, Tensor t, Tensor mean, Tensor scale, Tensor shift, "
         "int relu_mode) -> (Tensor sum_g, Tensor sum_gt)");
   m.def("backward_apply(Tensor g, Tensor t, Tensor mean, Tensor scale, Tensor shift, "

@@ -74,6 +74,50 @@ void check_channel_vector(const at::Tensor& v, const char* name, const at::Tenso
   TORCH_CHECK(v.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
+// The mean a pass centers on: float64 (the statistics' own digits) or float32.
+void check_mean_vector(const at::Tensor& v, const at::Tensor& t, const char* op) {
+  const int64_t C = t.size(1);
+  TORCH_CHECK(v.device().is_cpu(), op, ": mean must be a CPU tensor, got ", v.device());
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == C, op, ": mean must have shape (", C, ",), got ",
+              v.sizes());
+  TORCH_CHECK(v.scalar_type() == at::kDouble || v.scalar_type() == at::kFloat, op,
+              ": mean must be float64 or float32, got ", v.scalar_type());
+  TORCH_CHECK(v.is_contiguous(), op, ": mean must be contiguous");
+}
+
+// The per-channel terms of the passes, from the mean (float64 or float32), s and the shift
+// of norm(t) = (t − mean)·s + shift:
+//   hi + lo   the mean as two acc_t values: hi its rounding, lo the rest (0 when the mean has
+//             no more digits than acc_t); the backward centers on it as (t − hi) − lo.
+//   b + b_lo  the pre-activation is t·s + b + b_lo, one fused multiply-add plus b_lo, where
+//             b = shift − hi·s is formed as ATen forms it (the product rounded, then the
+//             difference) and b_lo = (shift − mean·s) − b is what that rounding left out.
+// With lo = 0 (a mean of acc_t's digits) b_lo is 0: the pass is eager ATen's t·s + b exactly,
+// and adding 0 rounds nothing. A mean with more digits (coefficients gives one where
+// |mean|/std is large, csrc/norm.cpp) gets the exact shift: far from zero, b alone is off by
+// up to half an ulp of mean·s, the same offset on every value of the channel.
+template <typename acc_t>
+struct ChannelTerms {
+  std::vector<acc_t> hi, lo, b, b_lo;
+  ChannelTerms(const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift)
+      : hi(mean.size(0)), lo(mean.size(0)), b(mean.size(0)), b_lo(mean.size(0)) {
+    const acc_t* sp = scale.const_data_ptr<acc_t>();
+    const acc_t* shp = shift.const_data_ptr<acc_t>();
+    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnorder_channel_terms", [&] {
+      const scalar_t* m = mean.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < mean.size(0); ++c) {
+        const double md = static_cast<double>(m[c]), s = sp[c], sh = shp[c];
+        hi[c] = static_cast<acc_t>(md);
+        lo[c] = static_cast<acc_t>(md - static_cast<double>(hi[c]));
+        const acc_t product = static_cast<acc_t>(static_cast<double>(hi[c]) * s);
+        b[c] = static_cast<acc_t>(sh - static_cast<double>(product));
+        b_lo[c] = lo[c] == acc_t(0) ? acc_t(0)
+                                    : static_cast<acc_t>((sh - md * s) - static_cast<double>(b[c]));
+      }
+    });
+  }
+};
+
 void check_relu_mode(int64_t relu_mode, const char* op) {
   TORCH_CHECK(relu_mode >= 0 && relu_mode <= 2, op, ": relu_mode must be 0 (none), 1 (after) ",
               "or 2 (before), got ", relu_mode);
@@ -94,26 +138,33 @@ inline acc_t load_input(scalar_t v) {
   return Mode == RELU_BEFORE ? relu(a) : a;
 }
 
+// The norm before any ReLU after it: in·s + b + b_lo (ChannelTerms), the product and b in
+// one rounding, as ATen's fused multiply-add. The forward pass and the backward's ReLU mask
+// both call this, so the mask is the forward's. std::fma, because the build's -std=c++17
+// turns off the contraction of a·b + c.
+template <typename acc_t>
+inline acc_t pre_activation(acc_t in, acc_t s, acc_t b, acc_t bl) {
+  return std::fma(in, s, b) + bl;
+}
+
 // The gradient at the norm's output: for ReLU after the norm, masked where the output was 0.
 template <int Mode, typename acc_t, typename scalar_t>
-inline acc_t load_grad(scalar_t gv, acc_t t, acc_t s, acc_t b) {
+inline acc_t load_grad(scalar_t gv, acc_t t, acc_t s, acc_t b, acc_t bl) {
   acc_t g = static_cast<acc_t>(gv);
-  if (Mode == RELU_AFTER) return (t * s + b > acc_t(0)) ? g : acc_t(0);
+  if (Mode == RELU_AFTER) return (pre_activation(t, s, b, bl) > acc_t(0)) ? g : acc_t(0);
   return g;
 }
 
 template <int Mode, typename acc_t>
-inline acc_t normalize(acc_t t, acc_t s, acc_t b) {
+inline acc_t normalize(acc_t t, acc_t s, acc_t b, acc_t bl) {
   acc_t in = Mode == RELU_BEFORE ? relu(t) : t;
-  // One rounding, as ATen's fused multiply-add: far from zero (|mean| >> std) t·s and b
-  // cancel, and a rounded product would leave its error, ulp(t·s)/2, on every value.
-  acc_t v = std::fma(in, s, b);
+  acc_t v = pre_activation(in, s, b, bl);
   return Mode == RELU_AFTER ? relu(v) : v;
 }
 
 template <int Mode, typename acc_t>
-inline acc_t input_grad(acc_t g, acc_t t, acc_t s, acc_t b, acc_t mean, acc_t k1, acc_t k2,
-                        acc_t k3) {
+inline acc_t input_grad(acc_t g, acc_t t, acc_t s, acc_t b, acc_t bl, acc_t mh, acc_t ml,
+                        acc_t k1, acc_t k2, acc_t k3) {
   if constexpr (Mode == RELU_BEFORE) {
     // Zero where t ≤ 0 (NaN included, as torch's ReLU backward), t itself elsewhere. Written
     // as three selects of inputs in the `!(c) ? 0 : v` form, so that d is exactly 0 there:
@@ -121,12 +172,14 @@ inline acc_t input_grad(acc_t g, acc_t t, acc_t s, acc_t b, acc_t mean, acc_t k1
     // and a select of the result stayed a scalar branch, mispredicted on half of the values:
     // 10x slower than the other passes on an AVX2 machine.
     const acc_t gm = !(t > acc_t(0)) ? acc_t(0) : g;
-    const acc_t tm = !(t > acc_t(0)) ? mean : t;
+    const acc_t tm = !(t > acc_t(0)) ? mh : t;  // centered to exactly 0 where masked
+    const acc_t lm = !(t > acc_t(0)) ? acc_t(0) : ml;
     const acc_t k = !(t > acc_t(0)) ? acc_t(0) : k3;
-    return gm * k1 + (tm - mean) * k2 + k;
+    return gm * k1 + ((tm - mh) - lm) * k2 + k;
   }
-  const acc_t gm = (Mode == RELU_AFTER && !(t * s + b > acc_t(0))) ? acc_t(0) : g;
-  return gm * k1 + (t - mean) * k2 + k3;
+  const acc_t gm =
+      (Mode == RELU_AFTER && !(pre_activation(t, s, b, bl) > acc_t(0))) ? acc_t(0) : g;
+  return gm * k1 + ((t - mh) - ml) * k2 + k3;
 }
 
 // Chan et al.: merge (n_b, mean_b, m2_b) into the running (n, mean, m2).
@@ -507,17 +560,18 @@ inline void map_run(int64_t n, const std::array<const scalar_t*, N>& in, scalar_
 
 template <typename scalar_t, typename acc_t, int Mode>
 void apply_kernel(const scalar_t* x, scalar_t* y, const Geometry& geo, const acc_t* scale,
-                  const acc_t* shift) {
+                  const acc_t* shift, const acc_t* shift_lo) {
   const int64_t C = geo.C;
   for_each_run(
       geo,
       [&](int64_t c, int64_t off, int64_t n) {
-        const acc_t s = scale[c], b = shift[c];
+        const acc_t s = scale[c], b = shift[c], bl = shift_lo[c];
         map_run<scalar_t, acc_t, 1>(n, {x + off}, y + off,
             [&](int64_t, int64_t len, const auto& in, acc_t* __restrict__ yp) {
               const acc_t* __restrict__ xp = in[0];
 #pragma omp simd
-              for (int64_t i = 0; i < len; ++i) yp[i] = normalize<Mode, acc_t>(xp[i], s, b);
+              for (int64_t i = 0; i < len; ++i)
+                yp[i] = normalize<Mode, acc_t>(xp[i], s, b, bl);
             });
       },
       [&](int64_t off) {
@@ -526,8 +580,10 @@ void apply_kernel(const scalar_t* x, scalar_t* y, const Geometry& geo, const acc
               const acc_t* __restrict__ xp = in[0];
               const acc_t* __restrict__ sp = scale + c0;
               const acc_t* __restrict__ bp = shift + c0;
+              const acc_t* __restrict__ lp = shift_lo + c0;
 #pragma omp simd
-              for (int64_t c = 0; c < len; ++c) yp[c] = normalize<Mode, acc_t>(xp[c], sp[c], bp[c]);
+              for (int64_t c = 0; c < len; ++c)
+                yp[c] = normalize<Mode, acc_t>(xp[c], sp[c], bp[c], lp[c]);
             });
       });
 }
@@ -537,20 +593,21 @@ void apply_kernel(const scalar_t* x, scalar_t* y, const Geometry& geo, const acc
 // vectorizes them.
 template <typename scalar_t, typename acc_t, int Mode>
 void backward_apply_kernel(const scalar_t* g, const scalar_t* x, scalar_t* dx,
-                           const Geometry& geo, const acc_t* mean, const acc_t* scale,
-                           const acc_t* shift, const acc_t* k1, const acc_t* k2,
-                           const acc_t* k3) {
+                           const Geometry& geo, const acc_t* mean_hi, const acc_t* mean_lo,
+                           const acc_t* scale, const acc_t* shift, const acc_t* shift_lo,
+                           const acc_t* k1, const acc_t* k2, const acc_t* k3) {
   const int64_t C = geo.C;
   for_each_run(
       geo,
       [&](int64_t c, int64_t off, int64_t n) {
-        const acc_t s = scale[c], b = shift[c], m = mean[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
+        const acc_t s = scale[c], b = shift[c], bl = shift_lo[c], mh = mean_hi[c],
+                    ml = mean_lo[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
         map_run<scalar_t, acc_t, 2>(n, {g + off, x + off}, dx + off,
             [&](int64_t, int64_t len, const auto& in, acc_t* dp) {
               const acc_t *gp = in[0], *xp = in[1];
 #pragma omp simd
               for (int64_t i = 0; i < len; ++i)
-                dp[i] = input_grad<Mode, acc_t>(gp[i], xp[i], s, b, m, a1, a2, a3);
+                dp[i] = input_grad<Mode, acc_t>(gp[i], xp[i], s, b, bl, mh, ml, a1, a2, a3);
             });
       },
       [&](int64_t off) {
@@ -558,13 +615,14 @@ void backward_apply_kernel(const scalar_t* g, const scalar_t* x, scalar_t* dx,
             [&](int64_t c0, int64_t len, const auto& in, acc_t* dp) {
               const acc_t *gp = in[0], *xp = in[1];
               const acc_t *__restrict__ sp = scale + c0, *__restrict__ bp = shift + c0,
-                          *__restrict__ mp = mean + c0;
+                          *__restrict__ hp = mean_hi + c0, *__restrict__ lp = mean_lo + c0,
+                          *__restrict__ blp = shift_lo + c0;
               const acc_t *__restrict__ p1 = k1 + c0, *__restrict__ p2 = k2 + c0,
                           *__restrict__ p3 = k3 + c0;
 #pragma omp simd
               for (int64_t c = 0; c < len; ++c)
-                dp[c] = input_grad<Mode, acc_t>(gp[c], xp[c], sp[c], bp[c], mp[c], p1[c], p2[c],
-                                                p3[c]);
+                dp[c] = input_grad<Mode, acc_t>(gp[c], xp[c], sp[c], bp[c], blp[c], hp[c], lp[c],
+                                                p1[c], p2[c], p3[c]);
             });
       });
 }
@@ -591,8 +649,8 @@ void sum_thread_partials(const std::vector<double>& t_g, const std::vector<doubl
 // backward_reduce's sums of a run: Σg' and Σg'·(t_in − m).
 template <int Mode, typename scalar_t, typename acc_t>
 inline void grad_lanes(const scalar_t* __restrict__ gp, const scalar_t* __restrict__ xp,
-                       int64_t n, acc_t s, acc_t b, acc_t m, acc_t* __restrict__ sg,
-                       acc_t* __restrict__ sgt) {
+                       int64_t n, acc_t s, acc_t b, acc_t bl, acc_t mh, acc_t ml,
+                       acc_t* __restrict__ sg, acc_t* __restrict__ sgt) {
   using vec = lanes_t<acc_t>;
   const vec zero = {};
   lane_sums(
@@ -600,16 +658,20 @@ inline void grad_lanes(const scalar_t* __restrict__ gp, const scalar_t* __restri
       [&](int64_t i, vec& vg, vec& vgt) {
         const vec t = load_lanes<RELU_NONE>(xp + i, acc_t(0));
         vec g = load_lanes<RELU_NONE>(gp + i, acc_t(0));
-        if constexpr (Mode == RELU_AFTER) g = t * s + b > zero ? g : zero;
+        if constexpr (Mode == RELU_AFTER) {
+          vec pre;
+          for (int j = 0; j < kLanes<acc_t>; ++j) pre[j] = pre_activation(t[j], s, b, bl);
+          g = pre > zero ? g : zero;
+        }
         const vec in = Mode == RELU_BEFORE ? (t < zero ? zero : t) : t;
         vg += g;
-        vgt += g * (in - m);
+        vgt += g * ((in - mh) - ml);
       },
       [&](int64_t i, acc_t& dg, acc_t& dgt) {
         const acc_t t = static_cast<acc_t>(xp[i]);
-        const acc_t gv = load_grad<Mode, acc_t>(gp[i], t, s, b);
+        const acc_t gv = load_grad<Mode, acc_t>(gp[i], t, s, b, bl);
         dg += gv;
-        dgt += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - m);
+        dgt += gv * (((Mode == RELU_BEFORE ? relu(t) : t) - mh) - ml);
       },
       sg, sgt);
 }
@@ -619,7 +681,8 @@ inline void grad_lanes(const scalar_t* __restrict__ gp, const scalar_t* __restri
 // per channel.
 template <typename scalar_t, typename acc_t, int Mode>
 void backward_reduce_planes(const scalar_t* g, const scalar_t* x, const Geometry& geo,
-                            const acc_t* mean, const acc_t* scale, const acc_t* shift,
+                            const acc_t* mean_hi, const acc_t* mean_lo, const acc_t* scale,
+                            const acc_t* shift, const acc_t* shift_lo,
                             acc_t* sum_g_out, acc_t* sum_gt_out) {
   constexpr int V = kLanes<acc_t>;
   const int64_t S = geo.S, C = geo.C;
@@ -634,8 +697,8 @@ void backward_reduce_planes(const scalar_t* g, const scalar_t* x, const Geometry
       const int64_t r1 = std::min(p1, r0 + run);
       for (int64_t plane = r0, c = r0 % C; plane < r1; ++plane, c = (c + 1 == C) ? 0 : c + 1) {
         acc_t* sg = &lanes[2 * c * V];
-        grad_lanes<Mode>(g + plane * S, x + plane * S, S, scale[c], shift[c], mean[c], sg,
-                         sg + V);
+        grad_lanes<Mode>(g + plane * S, x + plane * S, S, scale[c], shift[c], shift_lo[c],
+                         mean_hi[c], mean_lo[c], sg, sg + V);
       }
       for (int64_t c = 0; c < C; ++c) {
         double a, b;
@@ -652,7 +715,8 @@ void backward_reduce_planes(const scalar_t* g, const scalar_t* x, const Geometry
 // into the thread's double partials.
 template <typename scalar_t, typename acc_t, int Mode>
 void backward_reduce_rows(const scalar_t* g, const scalar_t* x, const Geometry& geo,
-                          const acc_t* mean, const acc_t* scale, const acc_t* shift,
+                          const acc_t* mean_hi, const acc_t* mean_lo, const acc_t* scale,
+                          const acc_t* shift, const acc_t* shift_lo,
                           acc_t* sum_g_out, acc_t* sum_gt_out) {
   const int64_t C = geo.C, rows = geo.rows();
   const int nthreads = at::get_num_threads();
@@ -672,9 +736,9 @@ void backward_reduce_rows(const scalar_t* g, const scalar_t* x, const Geometry& 
       const scalar_t* xb = x + r0 * C;
       block_column_sums(C, m, [&](int64_t i, int64_t c, acc_t& dg, acc_t& dgt) {
         const acc_t t = static_cast<acc_t>(xb[i]);
-        const acc_t gv = load_grad<Mode, acc_t>(gb[i], t, scale[c], shift[c]);
+        const acc_t gv = load_grad<Mode, acc_t>(gb[i], t, scale[c], shift[c], shift_lo[c]);
         dg += gv;
-        dgt += gv * ((Mode == RELU_BEFORE ? relu(t) : t) - mean[c]);
+        dgt += gv * (((Mode == RELU_BEFORE ? relu(t) : t) - mean_hi[c]) - mean_lo[c]);
       }, sg, sgt);
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j) {
@@ -740,22 +804,24 @@ std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& t, int64_t relu_mode,
   return {mean.to(acc_type_of(t)), var.to(acc_type_of(t))};
 }
 
-at::Tensor apply(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift,
-                 int64_t relu_mode) {
+at::Tensor apply(const at::Tensor& t, const at::Tensor& mean, const at::Tensor& scale,
+                 const at::Tensor& shift, int64_t relu_mode) {
   const char* op = "bnorder_cpu::apply";
   const Geometry geo = geometry_of(t, op);
   check_relu_mode(relu_mode, op);
+  check_mean_vector(mean, t, op);
   check_channel_vector(scale, "scale", t, op);
   check_channel_vector(shift, "shift", t, op);
   auto out = at::empty_like(t);
   if (t.numel() == 0) return out;
   BNORDER_DISPATCH_TYPES(t, "bnorder_apply", [&] {
     using acc_t = acc_of<scalar_t>;
+    const ChannelTerms<acc_t> k(mean, scale, shift);
     BNORDER_DISPATCH_RELU(relu_mode, [&] {
       apply_kernel<scalar_t, acc_t, Mode>(t.const_data_ptr<scalar_t>(),
                                           out.mutable_data_ptr<scalar_t>(), geo,
-                                          scale.const_data_ptr<acc_t>(),
-                                          shift.const_data_ptr<acc_t>());
+                                          scale.const_data_ptr<acc_t>(), k.b.data(),
+                                          k.b_lo.data());
     });
   });
   return out;
@@ -769,7 +835,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& g, const at
   const Geometry geo = geometry_of(t, op);
   check_like(g, t, geo, op);
   check_relu_mode(relu_mode, op);
-  check_channel_vector(mean, "mean", t, op);
+  check_mean_vector(mean, t, op);
   check_channel_vector(scale, "scale", t, op);
   check_channel_vector(shift, "shift", t, op);
   auto sum_g = at::zeros({geo.C}, t.options().dtype(acc_type_of(t)));
@@ -777,12 +843,13 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& g, const at
   if (t.numel() == 0) return {sum_g, sum_gt};
   BNORDER_DISPATCH_TYPES(t, "bnorder_backward_reduce", [&] {
     using acc_t = acc_of<scalar_t>;
+    const ChannelTerms<acc_t> k(mean, scale, shift);
     BNORDER_DISPATCH_RELU(relu_mode, [&] {
       auto kernel = geo.rows_by_channels ? backward_reduce_rows<scalar_t, acc_t, Mode>
                                          : backward_reduce_planes<scalar_t, acc_t, Mode>;
       kernel(g.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), geo,
-             mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
-             shift.const_data_ptr<acc_t>(), sum_g.mutable_data_ptr<acc_t>(),
+             k.hi.data(), k.lo.data(), scale.const_data_ptr<acc_t>(), k.b.data(), k.b_lo.data(),
+             sum_g.mutable_data_ptr<acc_t>(),
              sum_gt.mutable_data_ptr<acc_t>());
     });
   });
@@ -799,18 +866,20 @@ void backward_apply_into(const at::Tensor& g, const at::Tensor& t, const at::Ten
   check_like(dx, t, geo, op);
   check_relu_mode(relu_mode, op);
   const std::pair<const at::Tensor*, const char*> vectors[] = {
-      {&mean, "mean"}, {&scale, "scale"}, {&shift, "shift"}, {&k1, "k1"}, {&k2, "k2"}, {&k3, "k3"}};
+      {&scale, "scale"}, {&shift, "shift"}, {&k1, "k1"}, {&k2, "k2"}, {&k3, "k3"}};
+  check_mean_vector(mean, t, op);
   for (const auto& [v, name] : vectors) check_channel_vector(*v, name, t, op);
   TORCH_CHECK(same_or_apart(dx, g) && same_or_apart(dx, t), op,
               ": the output must be g or t itself or share no memory with them");
   if (t.numel() == 0) return;
   BNORDER_DISPATCH_TYPES(t, "bnorder_backward_apply", [&] {
     using acc_t = acc_of<scalar_t>;
+    const ChannelTerms<acc_t> k(mean, scale, shift);
     BNORDER_DISPATCH_RELU(relu_mode, [&] {
       backward_apply_kernel<scalar_t, acc_t, Mode>(
           g.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
-          dx.mutable_data_ptr<scalar_t>(), geo, mean.const_data_ptr<acc_t>(),
-          scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+          dx.mutable_data_ptr<scalar_t>(), geo, k.hi.data(), k.lo.data(),
+          scale.const_data_ptr<acc_t>(), k.b.data(), k.b_lo.data(),
           k1.const_data_ptr<acc_t>(), k2.const_data_ptr<acc_t>(), k3.const_data_ptr<acc_t>());
     });
   });

@@ -1,12 +1,16 @@
 // The four batch-norm primitives on the CPU (DESIGN §4), shared by every order:
 //
 //   stats            t            -> mean_c, var_c                    one read
-//   apply            t            -> act(t·s_c + b_c) / relu(t)·s_c + b_c   one read, one write
+//   apply            t            -> act((t_in − mean_c)·s_c + b_c)          one read, one write
 //   backward_reduce  g, t         -> Σg', Σg'·(t_in − mean_c)         one read of each
 //   backward_apply   g, t         -> mask·(g'·k1 + (t_in − mean)·k2 + k3)   one read of each, one write
 //
-// relu_mode: 0 none, 1 ReLU after the norm (g' = g·[t·s + b > 0]), 2 ReLU before the norm
-// (t_in = relu(t), dt masked by t > 0).
+// relu_mode: 0 none, 1 ReLU after the norm (g' = g·[(t − mean)·s + b > 0], computed as the
+// forward computes it), 2 ReLU before the norm (t_in = relu(t), dt masked by t > 0).
+//
+// The mean is float64 or the accumulation dtype; the passes center on it as hi + lo, two
+// values of the accumulation dtype, so that a float64 mean keeps its digits on data far from
+// zero (fused/_norm.py: why the norm is applied centered).
 //
 // Two layouts, each with loops the compiler vectorizes:
 //   NCHW (contiguous):        a channel is N planes of S = H·W contiguous values
@@ -38,8 +42,8 @@ inline at::MemoryFormat format_of(const at::Tensor& t) {
 // exact: float64 results whatever the activation dtype.
 std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& t, int64_t relu_mode, bool exact = false);
 
-at::Tensor apply(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift,
-                 int64_t relu_mode);
+at::Tensor apply(const at::Tensor& t, const at::Tensor& mean, const at::Tensor& scale,
+                 const at::Tensor& shift, int64_t relu_mode);
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& g, const at::Tensor& t,
                                                    const at::Tensor& mean,
@@ -67,7 +71,8 @@ std::tuple<at::Tensor, at::Tensor> relu_grad_batch_sum(const at::Tensor& g, cons
 // Σ_n g, (1, C, H, W) in g's layout: relu_grad_batch_sum's sum where there is no ReLU.
 at::Tensor batch_sum(const at::Tensor& g);
 
-// The norm around the primitives, one call per direction (norm.cpp).
+// The norm around the primitives, one call per direction (norm.cpp). Batch statistics
+// (norm_forward's mean and var) and the coefficients' mean are float64.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coefficients(
     const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& var,
     const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta, double eps,
@@ -92,6 +97,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_into(
     const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& beta, double eps, int64_t norm, int64_t relu_mode,
     bool batch_stats, bool input_grad, const at::Tensor& into);
+
+// b_c = shift_c − mean_c·s_c: the norm as t·s_c + b_c, for the folds (norm.cpp).
+at::Tensor affine_shift(const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift);
 
 // bn-conv-relu's weight-side algebra around its folded convolution (fold.cpp).
 std::tuple<at::Tensor, at::Tensor> fold_forward(const at::Tensor& weight, const at::Tensor& scale,

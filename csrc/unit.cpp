@@ -171,13 +171,14 @@ struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
     if (folds) {
       const std::vector<int64_t> out_hw = conv_output_hw(x, weight, stride, padding, dilation);
       auto [scaled_weight, map] = fold_forward(
-          weight, scale.to(weight.scalar_type()), shift.to(weight.scalar_type()),
+          weight, scale.to(weight.scalar_type()),
+          affine_shift(mean, scale, shift).to(weight.scalar_type()),
           x.sizes().slice(2), out_hw, stride, padding, dilation, groups);
       z = at::convolution(x, scaled_weight, bias, stride, padding, dilation, false, {0, 0}, groups);
       add_map_relu_(z, map, relu);  // z is this node's own convolution output
     } else {
-      z = at::convolution(bnorder::apply(x, scale, shift, RELU_NONE), weight, bias, stride, padding,
-                          dilation, false, {0, 0}, groups);
+      z = at::convolution(bnorder::apply(x, mean, scale, shift, RELU_NONE), weight, bias, stride,
+                          padding, dilation, false, {0, 0}, groups);
       if (relu) z.relu_();
     }
     ctx->save_for_backward({x, weight, relu ? z : at::Tensor(), mean, var, scale, shift,
@@ -212,7 +213,7 @@ struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
     } else {
       g = relu ? at::threshold_backward(grad, out, 0) : grad;
     }
-    const at::Tensor conv_input = folds ? x : bnorder::apply(x, scale, shift, RELU_NONE);
+    const at::Tensor conv_input = folds ? x : bnorder::apply(x, mean, scale, shift, RELU_NONE);
     auto [dn, dweight, dbias] = args.conv_backward(ctx, g, conv_input, weight,
                                                    {need_dn, need_w, need_b});
     if (fold_wgrad) {
@@ -221,7 +222,8 @@ struct NormConvTrain : public torch::autograd::Function<NormConvTrain> {
         g_batch_sum = batch_sum(dense ? g : g.contiguous(format_of(x)));
       }
       const auto wdtype = weight.scalar_type();
-      dweight = fold_backward(weight, dweight, g_batch_sum, scale.to(wdtype), shift.to(wdtype),
+      dweight = fold_backward(weight, dweight, g_batch_sum, scale.to(wdtype),
+                              affine_shift(mean, scale, shift).to(wdtype),
                               x.sizes().slice(2), args.stride, args.padding, args.dilation,
                               args.groups);
     }

@@ -4,14 +4,15 @@ Forward, y = conv(x, W) + bias, relu_mode AFTER (conv-bn-relu) or BEFORE (conv-r
 
     batch statistics:   mean, var = stats(y)          one read of y (of relu(y) for BEFORE)
                         out = apply(y, s, b)          one read of y, one write
-    fixed statistics:   AFTER/NONE fold into the convolution:
-                            out = relu(conv(x, W·s_o, bias·s + b))      no pass over y at all
+                        (s, b and the mean as in _norm: (y − mean)·s + b)
+    fixed statistics:   AFTER/NONE fold into the convolution, with b' = b − mean·s:
+                            out = relu(conv(x, W·s_o, bias·s + b'))     no pass over y at all
                         BEFORE cannot fold (the ReLU sits between conv and norm), nor does
                         a norm whose scale trains (below):
                             out = apply(y, s, b)
 
 Saved for backward: x, y and the per-channel statistics; the ReLU mask is recomputed from y
-(AFTER: y·s + b > 0; BEFORE: y > 0). The folded eval path saves x and out instead of y.
+(AFTER: (y − mean)·s + b > 0; BEFORE: y > 0). The folded eval path saves x and out instead of y.
 
 Backward (see _norm for the coefficients):
 
@@ -74,14 +75,15 @@ def _conv_norm_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
                                             beta, mean_in, var_in, eps, norm, relu_mode,
                                             fold)
     if fold:
-        scale, shift, _, _ = _norm.coefficients(norm, mean_in, var_in, gamma, beta, eps,
-                                                weight.shape[0], x)
+        scale, shift, mean_c, _ = _norm.coefficients(norm, mean_in, var_in, gamma, beta, eps,
+                                                     weight.shape[0], x)
+        shift = _norm.affine_shift(mean_c, scale, shift)
         folded_bias = shift if bias is None else bias.to(scale.dtype) * scale + shift
         out = _conv.conv(x, _conv.scale_out_channels(weight, scale), folded_bias.to(x.dtype),
                          stride, padding, dilation, groups)
         if relu_mode == RELU_AFTER:
             out.relu_()
-        empty = x.new_empty(0, dtype=_norm.acc_dtype(x))
+        empty = x.new_empty(0, dtype=torch.float64)
         return out, x.new_empty(0), empty, empty.clone()
     y = _conv.conv(x, weight, bias, stride, padding, dilation, groups)
     out, mean, var, _, _ = _norm.forward(_backend.primitives(y), y, gamma, beta, mean_in,
@@ -98,7 +100,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, 
       norm, relu_mode, fold, sync=-1):
     batch_stats = norm != "affine" and mean_in is None
     y = _conv.conv(x, weight, bias, stride, padding, dilation, groups)
-    stat = x.new_empty(weight.shape[0] if batch_stats else 0, dtype=_norm.acc_dtype(x))
+    stat = x.new_empty(weight.shape[0] if batch_stats else 0, dtype=torch.float64)
     if fold:
         return y, x.new_empty(0), stat, stat.clone()
     return torch.empty_like(y), y, stat, stat.clone()
@@ -132,7 +134,7 @@ def _conv_norm_backward_impl(grad: Tensor, x: Tensor, weight: Tensor, bias: Opti
         dbias = (scale * sum_g).to(x.dtype) if conv_mask[2] else None
         bias_c = bias.to(scale.dtype) if bias is not None else torch.zeros_like(scale)
         weighted = (wgrad_acc * weight.to(scale.dtype)).flatten(1).sum(1)
-        dgamma = rstd * (weighted + (bias_c - mean_c) * sum_g)
+        dgamma = (rstd * (weighted + (bias_c - mean_c) * sum_g)).to(scale.dtype)
         dbeta = sum_g
     else:
         grad = grad.contiguous(memory_format=_conv.memory_format_of(y))

@@ -21,8 +21,8 @@ def exact_stats(t: Tensor, relu_mode: int):
     return _ops.stats(t, relu_mode, True)
 
 
-def apply(t: Tensor, scale: Tensor, shift: Tensor, relu_mode: int) -> Tensor:
-    return _ops.apply(t, scale, shift, relu_mode)
+def apply(t: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu_mode: int) -> Tensor:
+    return _ops.apply(t, mean, scale, shift, relu_mode)
 
 
 def backward_reduce(g: Tensor, t: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
@@ -83,7 +83,7 @@ if _ext.loaded:
         return t.new_empty(c, dtype=dtype), t.new_empty(c, dtype=dtype)
 
     @torch.library.register_fake("bnorder_cpu::apply")
-    def _(t, scale, shift, relu_mode):
+    def _(t, mean, scale, shift, relu_mode):
         return torch.empty_like(t)
 
     @torch.library.register_fake("bnorder_cpu::backward_reduce")
@@ -102,14 +102,15 @@ if _ext.loaded:
     @torch.library.register_fake("bnorder_cpu::coefficients")
     def _(mean, var, gamma, beta, eps, norm, channels, acc):
         like = mean if mean is not None else gamma
-        return tuple(like.new_empty(channels, dtype=acc) for _ in range(4))
+        return (like.new_empty(channels, dtype=acc), like.new_empty(channels, dtype=acc),
+                like.new_empty(channels, dtype=torch.float64), like.new_empty(channels, dtype=acc))
 
     @torch.library.register_fake("bnorder_cpu::norm_forward")
     def _(t, gamma, beta, mean_in, var_in, eps, norm, relu_mode, apply):
         c = t.shape[1]
         stat = 0 if norm == 2 or mean_in is not None else c
         return (torch.empty_like(t) if apply else t.new_empty(0),
-                t.new_empty(stat, dtype=_norm.acc_dtype(t)), t.new_empty(stat, dtype=_norm.acc_dtype(t)),
+                t.new_empty(stat, dtype=torch.float64), t.new_empty(stat, dtype=torch.float64),
                 t.new_empty(c, dtype=_norm.acc_dtype(t)), t.new_empty(c, dtype=_norm.acc_dtype(t)))
 
     @torch.library.register_fake("bnorder_cpu::norm_backward")

@@ -5,10 +5,20 @@ Every order reduces its norm to per-channel coefficients around the four primiti
 forward (DESIGN §2), with t the tensor the norm sees:
 
     batch statistics:  mean_c, var_c = stats(t)          rstd_c = 1/sqrt(var_c + eps)
-    bn:        s_c = gamma_c·rstd_c     b_c = beta_c − mean_c·s_c
-    bn-minus:  s_c = rstd_c             b_c = −mean_c·s_c
-    affine:    s_c = gamma_c            b_c = beta_c                  (no statistics)
-    norm(t) = t·s_c + b_c
+    bn:        s_c = gamma_c·rstd_c     b_c = beta_c
+    bn-minus:  s_c = rstd_c             b_c = 0
+    affine:    s_c = gamma_c            b_c = beta_c     mean_c = 0   (no statistics)
+    norm(t) = (t − mean_c)·s_c + b_c
+
+The norm is defined centered, not as t·s_c + (b_c − mean_c·s_c) (ATen's form): far from zero
+(|mean| >> std) the affine form's shift cannot be nearer than half an ulp of mean·s, an
+offset on every value of a channel that no later rounding removes (on data of mean 1e4 and
+std 1, 5e-4, which dominates the next convolution's weight gradient). The batch statistics
+are therefore float64. The C++ passes evaluate it as ATen's t·s + b plus the rest of the
+shift from the float64 mean where |mean|/std is large (csrc/norm.cpp, kExactShiftAbove;
+csrc/primitives.cpp, ChannelTerms); the reference and Triton passes as written.
+Where the affine form is needed (the folds of bn-conv-relu and of eval-mode conv-bn-relu,
+the Triton convolution's prologue and epilogue) `affine_shift` gives its b.
 
 backward, with g' the gradient at the norm's output (ReLU mask applied) and t̂ = (t − mean)·rstd:
 
@@ -58,8 +68,9 @@ def acc_dtype(t: Tensor) -> torch.dtype:
 def coefficients(norm: str, mean: Optional[Tensor], var: Optional[Tensor],
                  gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
                  channels: int, like: Tensor, prims=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(scale, shift, mean, rstd) as float32/float64 per-channel vectors, computed by
-    `prims` when that backend has its own `coefficients`.
+    """(scale, shift, mean, rstd) per-channel: norm(t) = (t − mean)·scale + shift. scale,
+    shift and rstd in the accumulation dtype, mean in float64 (the passes center on it with
+    all its digits); computed by `prims` when that backend has its own `coefficients`.
 
     For the affine norm mean = 0 and rstd = 1, so that the same backward formula gives
     dgamma = Σg'·t."""
@@ -67,20 +78,26 @@ def coefficients(norm: str, mean: Optional[Tensor], var: Optional[Tensor],
     if prims is not None and hasattr(prims, "coefficients"):
         return prims.coefficients(mean, var, gamma, beta, eps, NORM_CODES[norm], channels, acc)
     if norm == "affine":
-        scale = gamma.to(acc)
-        shift = beta.to(acc)
-        zeros = torch.zeros(channels, dtype=acc, device=like.device)
-        return scale, shift, zeros, torch.ones_like(zeros)
+        zeros = torch.zeros(channels, dtype=torch.float64, device=like.device)
+        return gamma.to(acc), beta.to(acc), zeros, torch.ones(channels, dtype=acc,
+                                                               device=like.device)
     # In float64, each coefficient rounded once (csrc/norm.cpp's coefficients_of says why:
     # s_c is one relative error on the whole channel, which later layers sum in phase).
     # Few, fused per-channel ops: each costs microseconds of dispatch, per unit and step.
-    # The shift as ATen forms it, from the scale as rounded (csrc/norm.cpp says why).
     wide = torch.float64
     rstd = rstd_of(var.to(wide), eps)
-    scale = (rstd * gamma.to(wide) if norm == "bn" else rstd).to(acc)
-    product = (mean.to(wide) * scale.to(wide)).to(acc).to(wide)
-    shift = beta.to(wide) - product if norm == "bn" else product.neg_()
-    return scale, shift.to(acc), mean.to(acc), rstd.to(acc)
+    scale = rstd * gamma.to(wide) if norm == "bn" else rstd
+    shift = beta.to(acc) if norm == "bn" else torch.zeros(channels, dtype=acc,
+                                                           device=like.device)
+    return scale.to(acc), shift, mean.to(wide, copy=True), rstd.to(acc)
+
+
+def affine_shift(mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """b_c = shift_c − mean_c·s_c, the norm as t·s_c + b_c, in float64 from the scale as
+    rounded and rounded once to its dtype: for the passes that cannot center (the folds into
+    a convolution's weights and bias, the Triton convolution's prologue and epilogue)."""
+    wide = torch.float64
+    return (shift.to(wide) - mean.to(wide) * scale.to(wide)).to(scale.dtype)
 
 
 def backward_coefficients(sum_g: Tensor, sum_gtc: Tensor, scale: Tensor, rstd: Tensor,
@@ -105,7 +122,7 @@ def forward(prims, t: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
     """(out, mean, var, scale, shift): the norm of t with the ReLU placed by relu_mode.
 
     Batch statistics unless running ones are given (mean_in/var_in) or the norm is affine;
-    mean and var are the batch statistics, empty when none were taken. out is empty unless
+    mean and var are the batch statistics in float64, empty when none were taken. out is empty unless
     `apply` (bn-conv-relu folds the norm into its convolution and needs only s and b).
     sync: a fused.sync key; the statistics are then those of the whole group."""
     if sync < 0 and hasattr(prims, "norm_forward"):
@@ -116,19 +133,19 @@ def forward(prims, t: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
     if batch_stats and sync >= 0:
         from . import sync as _sync
         # The merge's between-process term needs each process's mean to more digits than
-        # float32 keeps when |mean| >> std: the backend's float64 statistics where it has them;
-        # the merged result is rounded once, as one process's statistics are.
+        # float32 keeps when |mean| >> std: the backend's float64 statistics where it has them.
         exact_stats = getattr(prims, "exact_stats", prims.stats)
         mean, var = _sync.merge_stats(sync, *exact_stats(t, relu_mode), t.numel() // channels)
-        mean, var = mean.to(acc_dtype(t)), var.to(acc_dtype(t))
     elif batch_stats:
-        mean, var = prims.stats(t, relu_mode)
+        mean, var = getattr(prims, "exact_stats", prims.stats)(t, relu_mode)
     else:
         mean, var = mean_in, var_in
-    scale, shift, _, _ = coefficients(norm, mean, var, gamma, beta, eps, channels, t)
-    out = prims.apply(t, scale, shift, relu_mode) if apply else t.new_empty(0)
-    if not batch_stats:
-        mean, var = t.new_empty(0, dtype=acc_dtype(t)), t.new_empty(0, dtype=acc_dtype(t))
+    scale, shift, mean_c, _ = coefficients(norm, mean, var, gamma, beta, eps, channels, t)
+    out = prims.apply(t, mean_c, scale, shift, relu_mode) if apply else t.new_empty(0)
+    if batch_stats:
+        mean, var = mean.to(torch.float64), var.to(torch.float64)
+    else:
+        mean, var = t.new_empty(0, dtype=torch.float64), t.new_empty(0, dtype=torch.float64)
     return out, mean, var, scale, shift
 
 

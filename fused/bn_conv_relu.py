@@ -1,6 +1,7 @@
 """bn-conv-relu: a = relu(conv(norm(x), W) + bias), without ever materializing norm(x).
 
-Forward. With norm(x) = x·s_c + b_c and zero padding applied *after* the norm,
+Forward. With norm(x) = (x − mean_c)·s_c + shift_c = x·s_c + b_c, b_c = shift_c − mean_c·s_c
+(_norm.affine_shift), and zero padding applied *after* the norm,
 
     conv(norm(x), W) = conv(x, W·s) + conv(B, W)
 
@@ -123,16 +124,19 @@ def _norm_conv_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
     _, mean, var, scale, shift = _norm.forward(prims, x, gamma, beta, mean_in, var_in, eps,
                                                norm, RELU_NONE, False, sync)
     used = (mean, var) if batch_stats else (mean_in, var_in)
+    # The mean the norm centers on: the batch's, the running one, or 0 for the affine norm.
+    center = (used[0].to(torch.float64) if used[0] is not None
+              else torch.zeros(x.shape[1], dtype=torch.float64, device=x.device))
     if _folds(prims, x, weight, norm, *used, eps):
         out_hw = _norm.conv_output_hw(x, weight, stride, padding, dilation)
         scaled_weight, border = _fold_ops(prims).fold_forward(
-            weight, scale.to(weight.dtype), shift.to(weight.dtype), x.shape[2:], out_hw, stride,
-            padding, dilation, groups)
+            weight, scale.to(weight.dtype), _norm.affine_shift(center, scale, shift).to(weight.dtype),
+            x.shape[2:], out_hw, stride, padding, dilation, groups)
         z = _conv.conv(x, scaled_weight, bias, stride, padding, dilation, groups)
         z = _border_ops(prims).add_map_relu(z, border, relu)  # one pass
     else:
-        z = _conv.conv(prims.apply(x, scale, shift, RELU_NONE), weight, bias, stride, padding,
-                       dilation, groups)
+        z = _conv.conv(prims.apply(x, center, scale, shift, RELU_NONE), weight, bias, stride,
+                       padding, dilation, groups)
         if relu:
             z.relu_()
     return z, mean, var
@@ -146,7 +150,7 @@ norm_conv_forward = torch.library.custom_op("bnorder::norm_conv_forward",
 def _(x, weight, bias, stride, padding, dilation, groups, gamma, beta, mean_in, var_in, eps,
       norm, relu, sync=-1):
     batch_stats = norm != "affine" and mean_in is None
-    stat = x.new_empty(x.shape[1] if batch_stats else 0, dtype=_norm.acc_dtype(x))
+    stat = x.new_empty(x.shape[1] if batch_stats else 0, dtype=torch.float64)
     return _conv.conv(x, weight, bias, stride, padding, dilation, groups), stat, stat.clone()
 
 
@@ -184,11 +188,13 @@ def _norm_conv_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weight: Tenso
             grad.contiguous(memory_format=_conv.memory_format_of(out)), out)
     else:
         g = torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad
-    conv_input = x if folds else prims.apply(x, scale, shift, RELU_NONE)
+    conv_input = x if folds else prims.apply(x, mean_c, scale, shift, RELU_NONE)
     conv_weight = weight
+    if folds:
+        border_shift = _norm.affine_shift(mean_c, scale, shift).to(weight.dtype)
     if dx_from_conv:
         conv_weight, _ = _fold_ops(prims).fold_forward(
-            weight, scale.to(weight.dtype), shift.to(weight.dtype), x.shape[2:], g.shape[2:],
+            weight, scale.to(weight.dtype), border_shift, x.shape[2:], g.shape[2:],
             stride, padding, dilation, groups)
     dnorm, dweight, dbias = _conv.conv_backward(
         g, conv_input, conv_weight, stride, padding, dilation, groups,
@@ -197,7 +203,7 @@ def _norm_conv_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weight: Tenso
         if g_batch_sum is None:
             g_batch_sum = _conv.batch_sum(g)
         dweight = _fold_ops(prims).fold_backward(
-            weight, dweight, g_batch_sum, scale.to(weight.dtype), shift.to(weight.dtype),
+            weight, dweight, g_batch_sum, scale.to(weight.dtype), border_shift,
             x.shape[2:], stride, padding, dilation, groups)
     dx = dgamma = dbeta = None
     if dx_from_conv:

@@ -413,7 +413,7 @@ def timing_table(layer, dtype: torch.dtype, device: str, timer, *, backend: str 
         prims = _backend.primitives(t)
         calls = {
             "stats": (lambda p: p.stats(t, relu), "stats_partial_kernel"),
-            "apply": (lambda p: p.apply(t, scale, shift, relu), "apply_kernel"),
+            "apply": (lambda p: p.apply(t, mean, scale, shift, relu), "apply_kernel"),
             "backward_reduce": (lambda p: p.backward_reduce(g, t, mean, scale, shift, relu),
                                 "backward_reduce_kernel"),
             "backward_apply": (lambda p: p.backward_apply(g, t, mean, scale, shift, k1, k2, k3,

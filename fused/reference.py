@@ -70,7 +70,8 @@ def unit_forward(order: str, x: Tensor, weight: Tensor, bias: Optional[Tensor] =
 
 # ----------------------------------------------------------------------------------------
 # The four primitives in plain torch (the `reference` backend).
-# Per-channel tensors are float32, or float64 for float64 activations.
+# Per-channel tensors are float32, or float64 for float64 activations; the mean may also be
+# float64 for float32 activations, and the passes keep its digits (see _centered).
 # ----------------------------------------------------------------------------------------
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -94,23 +95,37 @@ def stats(t: Tensor, relu_mode: int):
     return mean, var
 
 
-def apply(t: Tensor, scale: Tensor, shift: Tensor, relu_mode: int) -> Tensor:
+def _centered(t_in: Tensor, mean: Tensor, t: Tensor) -> Tensor:
+    """t_in − mean in t_in's dtype, the mean as its rounding hi plus the rest lo: (t − hi) − lo
+    keeps the digits of a float64 mean on data far from zero (fused/_norm.py)."""
+    hi = mean.to(t_in.dtype)
+    lo = (mean.to(torch.float64) - hi.to(torch.float64)).to(t_in.dtype)
+    return (t_in - _per_channel(hi, t)) - _per_channel(lo, t)
+
+
+def _pre_activation(t_in: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, t: Tensor) -> Tensor:
+    """(t_in − mean)·scale + shift: the norm before a ReLU after it."""
+    return _centered(t_in, mean, t) * _per_channel(scale, t) + _per_channel(shift, t)
+
+
+def apply(t: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu_mode: int) -> Tensor:
     a = t.to(_acc_dtype(t))
     if relu_mode == RELU_BEFORE:
         a = a.clamp_min(0)
-    out = a * _per_channel(scale, t) + _per_channel(shift, t)
+    out = _pre_activation(a, mean, scale, shift, t)
     if relu_mode == RELU_AFTER:
         out = out.clamp_min(0)
     return out.to(t.dtype)
 
 
-def _masked_grad_and_input(g: Tensor, t: Tensor, scale: Tensor, shift: Tensor, relu_mode: int):
+def _masked_grad_and_input(g: Tensor, t: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                           relu_mode: int):
     """(g', t_in): the gradient at the norm's output and the tensor the norm saw."""
     acc = _acc_dtype(t)
     g = g.to(acc)
     t_in = t.to(acc)
     if relu_mode == RELU_AFTER:
-        g = torch.where(t_in * _per_channel(scale, t) + _per_channel(shift, t) > 0, g, 0.0)
+        g = torch.where(_pre_activation(t_in, mean, scale, shift, t) > 0, g, 0.0)
     elif relu_mode == RELU_BEFORE:
         t_in = t_in.clamp_min(0)
     return g, t_in
@@ -119,9 +134,9 @@ def _masked_grad_and_input(g: Tensor, t: Tensor, scale: Tensor, shift: Tensor, r
 def backward_reduce(g: Tensor, t: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
                     relu_mode: int):
     """Per-channel Σg' and Σg'·(t_in − mean)."""
-    g, t_in = _masked_grad_and_input(g, t, scale, shift, relu_mode)
+    g, t_in = _masked_grad_and_input(g, t, mean, scale, shift, relu_mode)
     dims = _reduce_dims(t)
-    return g.sum(dims), (g * (t_in - _per_channel(mean, t))).sum(dims)
+    return g.sum(dims), (g * _centered(t_in, mean, t)).sum(dims)
 
 
 def backward_apply(g: Tensor, t: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
@@ -129,8 +144,8 @@ def backward_apply(g: Tensor, t: Tensor, mean: Tensor, scale: Tensor, shift: Ten
     """dt = mask · (g'·k1 + (t_in − mean)·k2 + k3), per-channel k's.
 
     Centering before scaling keeps the gradient exact for data far from zero (mean 1e4)."""
-    gm, t_in = _masked_grad_and_input(g, t, scale, shift, relu_mode)
-    dt = (gm * _per_channel(k1, t) + (t_in - _per_channel(mean, t)) * _per_channel(k2, t)
+    gm, t_in = _masked_grad_and_input(g, t, mean, scale, shift, relu_mode)
+    dt = (gm * _per_channel(k1, t) + _centered(t_in, mean, t) * _per_channel(k2, t)
           + _per_channel(k3, t))
     if relu_mode == RELU_BEFORE:
         dt = torch.where(t > 0, dt, 0.0)

@@ -108,12 +108,8 @@ class _SyncNorm(torch.autograd.Function):
         ctx.save_for_backward(t, mean, scale, shift, rstd)
         ctx.args = (key, count, None if weight is None else weight.dtype)
         ctx.mark_non_differentiable(mean, var)
-        # Centered first, as nn.BatchNorm2d: t·s + b cancels digits when |mean| >> std.
-        view = (1, -1) + (1,) * (t.dim() - 2)
-        out = (t.to(mean.dtype) - mean.view(view)) * scale.view(view)
-        if bias is not None:
-            out = out + bias.to(out.dtype).view(view)
-        return out.to(t.dtype), mean, var
+        # The statistics in float64, as every backend returns them.
+        return reference.apply(t, mean, scale, shift, 0), mean, var.to(torch.float64)
 
     @staticmethod
     def backward(ctx, grad, _grad_mean, _grad_var):

@@ -71,8 +71,8 @@ def test_gpu_path_fails_on_an_op_wrong_only_in_low_precision(monkeypatch):
     in float16 must fail the bfloat16 rows only."""
     real = _backend._reference.apply
 
-    def lossy(t, scale, shift, relu_mode):
-        out = real(t, scale, shift, relu_mode)
+    def lossy(t, mean, scale, shift, relu_mode):
+        out = real(t, mean, scale, shift, relu_mode)
         return out.half().to(out.dtype) * 1.01 if t.dtype == torch.bfloat16 else out
 
     monkeypatch.setattr(_backend._reference, "apply", lossy)

@@ -130,13 +130,20 @@ def test_parameter_grads_without_input_grad(order, norm, training):
 def check_mean_1e4(order: str, norm: str, seed: int):
     """Variance must be stable: a naive E[t²] − E[t]² in float32 loses every digit here. At
     mean 1e4 (std 1) bn-conv-relu does not fold (x·s and b would cancel inside the
-    convolution's sum) and applies the norm explicitly; every output and gradient, the conv
-    weight's included, stays within twice eager's error."""
+    convolution's sum) and applies the norm explicitly, with the exact shift from the float64
+    mean (csrc/norm.cpp, kExactShiftAbove): where eager's t·s + (beta − mean·s) leaves a
+    per-channel offset of ~5e-4 on every value, fused is 30-1000x more exact. Every output and gradient, the conv weight's included, stays
+    within twice eager's error."""
     torch.manual_seed(seed)
     case = Case(order, norm, True, input_mean=1e4, bias=True, hw=(6, 6))
     tensors = make_tensors(case, seed)
     if order != "bn-conv-relu":
         tensors["bias"] += 1e4  # push the conv output, which the norm sees, to mean 1e4
+    # The float64 reference takes the float32 inputs both implementations see. From the
+    # unrounded ones, the inputs' own rounding (half an ulp of 1e4, 4.9e-4 on every value)
+    # would be most of both errors and would decide by chance which ReLU outputs near 0
+    # each implementation gets on the wrong side.
+    tensors = {k: None if v is None else v.float().double() for k, v in tensors.items()}
     grad_out = torch.randn_like(run_unit(reference_fn(order), case, tensors, torch.float64,
                                          None)["out"])
     exp = run_unit(reference_fn(order), case, tensors, torch.float64, grad_out)
@@ -154,21 +161,8 @@ def check_mean_1e4(order: str, norm: str, seed: int):
         assert err <= 2 * eager_err + 1e-6 * scale, (key, err, eager_err, scale)
 
 
-# bn-conv-relu at mean 1e4 applies its norm as t·s + b, as eager does: b cannot be nearer
-# than half an ulp of mean·s (5e-4 on data of std 1), and that per-channel offset dominates
-# the conv weight's gradient. Which of the two implementations' offsets lands closer turns
-# on the last bit of s, so draw by draw either can lose by 2x: over 82 random draws the
-# fused op was beyond 2x eager in 6 with float32 coefficients (one at 154x, a ReLU branch
-# flipped) and in 4 with float64 ones. Applying the norm as (t − mean)·s + beta would remove
-# the offset; until then these cells are expected to fail on some draws.
-SHIFT_ROUNDING = pytest.mark.xfail(
-    reason="t·s + b at mean 1e4: the shift's half-ulp offset decides, 2.0-2.1x on 2 of 6 "
-           "draws", strict=False)
-
-
 @pytest.mark.parametrize("norm", ["bn", "bn-minus"])
-@pytest.mark.parametrize("order", [o if o != "bn-conv-relu" else
-                                   pytest.param(o, marks=SHIFT_ROUNDING) for o in ORDERS])
+@pytest.mark.parametrize("order", ORDERS)
 def test_mean_1e4_data_is_as_exact_as_eager(order, norm):
     @settings(max_examples=6, deadline=None, derandomize=True, database=None)
     @given(seed=st.integers(0, 2**31 - 1))
@@ -439,11 +433,11 @@ def test_norm_coefficients_are_rounded_once(backend, norm):
                                                     prims)
     r64 = 1 / (var.double() + eps).sqrt()
     s64 = r64 * gamma.double() if norm == "bn" else r64
-    # The shift as ATen forms it: beta − mean·s, s as rounded, the product rounded first.
-    product = (mean.double() * s64.float().double()).float().double()
-    b64 = (beta.double() if norm == "bn" else 0) - product
-    assert torch.equal(scale, s64.float()) and torch.equal(shift, b64.float())
-    assert torch.equal(rstd, r64.float()) and torch.equal(mean_c, mean)
+    # Centered: the shift is beta (0 for bn-minus), the mean comes back with its digits.
+    b = beta if norm == "bn" else torch.zeros(C)
+    assert torch.equal(scale, s64.float()) and torch.equal(shift, b)
+    assert torch.equal(rstd, r64.float())
+    assert mean_c.dtype == torch.float64 and torch.equal(mean_c, mean.double())
     sum_g, sum_gtc = torch.randn(C, **f32), torch.randn(C, **f32)
     k1, k2, k3, dgamma, dbeta = _norm.backward_coefficients(sum_g, sum_gtc, scale, rstd, 64,
                                                             True)
@@ -460,7 +454,7 @@ def test_opcheck_cpp_primitives():
     ops = torch.ops.bnorder_cpu
     for mode in (0, 1, 2):
         torch.library.opcheck(ops.stats, (t, mode))
-        torch.library.opcheck(ops.apply, (t, v[0], v[1], mode))
+        torch.library.opcheck(ops.apply, (t, v[3].double(), v[0], v[1], mode))
         torch.library.opcheck(ops.backward_reduce, (g, t, v[0], v[1], v[2], mode))
         torch.library.opcheck(ops.backward_apply, (g, t, *v, mode))
     for fmt in (torch.contiguous_format, torch.channels_last):
@@ -625,12 +619,17 @@ def test_device_mix_raises():
 def test_cpp_primitives_reject_bad_input():
     ops = torch.ops.bnorder_cpu
     t = torch.randn(2, 4, 3, 3)
+    zeros = torch.zeros(4)
     with pytest.raises(RuntimeError, match="scale must have shape"):
-        ops.apply(t, torch.ones(3), torch.zeros(4), 0)
+        ops.apply(t, zeros, torch.ones(3), zeros, 0)
+    with pytest.raises(RuntimeError, match="mean must have shape"):
+        ops.apply(t, torch.zeros(3), torch.ones(4), zeros, 0)
     with pytest.raises(RuntimeError, match="relu_mode"):
-        ops.apply(t, torch.ones(4), torch.zeros(4), 7)
+        ops.apply(t, zeros, torch.ones(4), zeros, 7)
     with pytest.raises(RuntimeError, match="must be Float"):
-        ops.apply(t, torch.ones(4, dtype=torch.float64), torch.zeros(4), 0)
+        ops.apply(t, zeros, torch.ones(4, dtype=torch.float64), zeros, 0)
+    with pytest.raises(RuntimeError, match="mean must be float64 or float32"):
+        ops.apply(t, torch.zeros(4, dtype=torch.float16), torch.ones(4), zeros, 0)
     with pytest.raises(RuntimeError, match="contiguous or channels_last"):
         ops.stats(t.transpose(0, 2), 0)
     with pytest.raises(RuntimeError, match="floating-point"):
@@ -733,9 +732,10 @@ def test_cpp_reductions_every_chunk_width(channels_last, dtype):
         c = shape[1]
         t = (torch.randn(shape, dtype=torch.float64) + offset).to(dtype)
         m, s = torch.randn(c, dtype=dtype) + offset, torch.rand(c, dtype=dtype) + 0.5
-        b = (torch.randn(c, dtype=torch.float64) - offset * s.double()).to(dtype)
-        pre = t.double() * s.double().view(1, c, 1, 1) + b.double().view(1, c, 1, 1)
-        # No gradient where rounding may decide the ReLU mask (t·s + b within 1e-3 of 0).
+        b = torch.randn(c, dtype=dtype)
+        pre = ((t.double() - m.double().view(1, c, 1, 1)) * s.double().view(1, c, 1, 1)
+               + b.double().view(1, c, 1, 1))
+        # No gradient where rounding may decide the ReLU mask ((t − m)·s + b within 1e-3 of 0).
         g = torch.randn_like(t) * (pre.abs() > 1e-3)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         mean, var = ops.stats(t.contiguous(memory_format=fmt), mode)
@@ -752,7 +752,7 @@ def test_cpp_reductions_every_chunk_width(channels_last, dtype):
         assert ((var.double() - exp_var).abs() <= tol * exp_var).all(), case
         bc = lambda v: v.double().view(1, c, 1, 1)  # noqa: E731
         if mode == 1:
-            g64 = g64 * (t64 * bc(s) + bc(b) > 0)
+            g64 = g64 * ((t64 - bc(m)) * bc(s) + bc(b) > 0)
         exp_g = g64.sum((0, 2, 3))
         exp_gt = (g64 * (seen - bc(m))).sum((0, 2, 3))
         scale = (g64.abs().sum((0, 2, 3)) * (1 + (seen - bc(m)).abs().amax((0, 2, 3)))) + 1

@@ -183,6 +183,10 @@ def _op_calls(layer: roofline.Layer, dtype: torch.dtype, layout) -> Iterable[Tup
     def vec(c, dt=acc):
         return _tensor((c,), dt)
 
+    def saved_stats(c, batch_stats):
+        dt = torch.float64 if batch_stats else acc
+        return vec(c, dt), vec(c, dt)
+
     for norm, relu_mode, bias, training in itertools.product(
             ("bn", "bn-minus", "affine"), (RELU_NONE, RELU_AFTER, RELU_BEFORE), (False, True),
             (True, False)):
@@ -197,8 +201,10 @@ def _op_calls(layer: roofline.Layer, dtype: torch.dtype, layout) -> Iterable[Tup
         yield what + " fwd", lambda b=b, s=stats_in, f=folds, n=norm, r=relu_mode: (
             ops.conv_norm_forward(x, weight, b, *geometry, vec(layer.o, dtype),
                                   vec(layer.o, dtype), *s, 1e-5, n, r, f))
+        # The backward gets what the forward saved: float64 batch statistics, or the running
+        # ones (acc dtype); either is rounded to the acc dtype before any launch.
         yield what + " bwd", lambda b=b, f=folds, n=norm, r=relu_mode, bs=batch_stats: (
-            ops.conv_norm_backward(y, x, weight, b, y, y, vec(layer.o), vec(layer.o),
+            ops.conv_norm_backward(y, x, weight, b, y, y, *saved_stats(layer.o, bs),
                                    vec(layer.o, dtype), vec(layer.o, dtype), *geometry, 1e-5,
                                    n, r, bs, [True, True, b is not None], f))
     for norm, relu, bias, training in itertools.product(
@@ -211,7 +217,7 @@ def _op_calls(layer: roofline.Layer, dtype: torch.dtype, layout) -> Iterable[Tup
         yield what + " fwd", lambda b=b, s=stats_in, n=norm, r=relu: ops.norm_conv_forward(
             x, weight, b, *geometry, vec(layer.c, dtype), vec(layer.c, dtype), *s, 1e-5, n, r)
         yield what + " bwd", lambda b=b, n=norm, r=relu, bs=batch_stats: ops.norm_conv_backward(
-            y, x, y, weight, vec(layer.c), vec(layer.c), vec(layer.c, dtype),
+            y, x, y, weight, *saved_stats(layer.c, bs), vec(layer.c, dtype),
             vec(layer.c, dtype), *geometry, 1e-5, n, r, bs, [True, True, b is not None])
     # The ATen-convolution path: the four primitives on the tensor the norm sees.
     for t, side in ((y, "output"), (x, "input")):
@@ -219,7 +225,7 @@ def _op_calls(layer: roofline.Layer, dtype: torch.dtype, layout) -> Iterable[Tup
         for mode in (RELU_NONE, RELU_AFTER, RELU_BEFORE):
             yield f"stats {side} relu{mode}", lambda t=t, m=mode: primitives.stats(t, m)
             yield f"apply {side} relu{mode}", lambda t=t, m=mode, c=c: primitives.apply(
-                t, vec(c), vec(c), m)
+                t, vec(c), vec(c), vec(c), m)
             yield f"backward_reduce {side} relu{mode}", lambda t=t, m=mode, c=c: (
                 primitives.backward_reduce(t, t, vec(c), vec(c), vec(c), m))
             yield f"backward_apply {side} relu{mode}", lambda t=t, m=mode, c=c: (

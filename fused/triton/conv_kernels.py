@@ -12,8 +12,11 @@ forward — GEMM rows m = (n, p, q) (M = N·P·Q), columns o, reduction k = (r, 
   loop over (r, s) statically, over c in BLOCK_K slices; x̃ is x, or with NORM_INPUT
   (bn-conv-relu) x·s_c + b_c computed on load and forced to 0 outside the image: zero
   padding in *normalized* space, exactly conv(norm(x)) — norm(x) is never stored.
+  b_c is the affine form's shift, _norm.affine_shift(mean, s, shift) (ops.py says why the
+  prologue and the epilogue do not center like the BN primitives).
   Epilogue on the [BLOCK_M, BLOCK_N] accumulator:
-    APPLY_OUT   y·s_o + b_o (eval conv-bn-relu: the norm folded into the epilogue)
+    APPLY_OUT   y·s_o + b_o (eval conv-bn-relu: the norm folded into the epilogue, b_o
+                affine as in the prologue)
     RELU_OUT    max(·, 0)
     STATS 1/2   per-column (count, pivot, mean, M2) of the stored y / of relu(y), shifted by
                 the tile's first row, written as one row of (M/BLOCK_M, O) partial buffers
@@ -26,7 +29,8 @@ input gradient — rows m = (n, h, w), columns c, reduction k = (r, s, o):
                      q = (w + pw − s·dw)/sw are integers inside the output (else the term is 0)
 
   ĝ is formed on load (PROLOGUE): 0 → g; 1 → the norm's backward_apply from g and y
-  (dy is never stored); 2 → g·[a > 0] (the ReLU mask from the unit output a). Epilogue
+  (dy is never stored; its ReLU mask [(y − mean)·s + shift > 0] is apply's own expression,
+  norm_kernels.pre_activation); 2 → g·[a > 0] (the ReLU mask from the unit output a). Epilogue
   REDUCE (bn-conv-relu): per-column partial Σdx and Σdx·(x − mean_c) — the norm's
   backward_reduce done while dx is in registers.
 

@@ -24,9 +24,18 @@ stats — numerically stable two-level moments of shifted data, deterministic (n
     float32 rounding does not pollute the between-chunk term: data with mean 1e4 and std 1
     keeps its float32 digits (plain per-chunk means of 1e4 lose ~1e-4 of the variance).
 
-apply — one read, one write:   out = act(t_in·scale_c + shift_c)  (act = ReLU for mode 1)
+apply — one read, one write, the norm centered (fused/_norm.py says why):
 
-backward_reduce — with g' = g·[t·scale + shift > 0] for mode 1, else g:
+    out = act((t_in − mean_c)·scale_c + shift_c)      (act = ReLU for mode 1)
+
+    For bn scale = gamma·rstd, shift = beta; bn-minus scale = rstd, shift = 0; affine
+    scale = gamma, shift = beta, mean = 0. t_in − mean is exact for t near the mean, so data
+    far from zero (mean 1e4, std 1) keeps no per-channel offset from a rounded
+    beta − mean·scale. The mean is the one rounded to the accumulation dtype (primitives.py).
+
+backward_reduce — with g' = g·[(t − mean_c)·scale_c + shift_c > 0] for mode 1 (the forward's
+pre-activation, computed by the same expression as apply so that the mask is bit-identical
+to the ReLU the forward applied), else g:
 
     sum_g_c = Σ g'        sum_g_tc_c = Σ g'·(t_in − mean_c)
     same two levels as stats (per-program partial sums, then a fixed-order sum over P rows)
@@ -68,10 +77,17 @@ def relu_keep_nan(v):
 
 
 @triton.jit
-def grad_and_input(g, t, scale, shift, RELU_MODE: tl.constexpr):
+def pre_activation(t_in, mean, scale, shift):
+    """(t_in − mean)·scale + shift: the norm, centered. apply and the ReLU-after mask of the
+    backward both evaluate it here, so that the mask is exactly the forward's ReLU."""
+    return (t_in - mean) * scale + shift
+
+
+@triton.jit
+def grad_and_input(g, t, mean, scale, shift, RELU_MODE: tl.constexpr):
     """(g', t_in): the gradient at the norm's output and the value the norm saw."""
     if RELU_MODE == 1:
-        g = tl.where(t * scale + shift > 0, g, 0.0)
+        g = tl.where(pre_activation(t, mean, scale, shift) > 0, g, 0.0)
     if RELU_MODE == 2:
         t = relu_keep_nan(t)
     return g, t
@@ -80,7 +96,7 @@ def grad_and_input(g, t, scale, shift, RELU_MODE: tl.constexpr):
 @triton.jit
 def grad_of_input(g, t, mean, scale, shift, k1, k2, k3, RELU_MODE: tl.constexpr):
     """dt = mask·(g'·k1 + (t_in − mean)·k2 + k3): backward_apply on values in registers."""
-    gm, t_in = grad_and_input(g, t, scale, shift, RELU_MODE)
+    gm, t_in = grad_and_input(g, t, mean, scale, shift, RELU_MODE)
     dt = gm * k1 + (t_in - mean) * k2 + k3
     if RELU_MODE == 2:
         dt = tl.where(t > 0, dt, 0.0)
@@ -224,7 +240,7 @@ def sum_partials_kernel(
 @triton.jit
 def apply_kernel(
         t_ptr, out_ptr,               # (outer, inner, C) activations, same strides
-        scale_ptr, shift_ptr,         # (C,) float32/float64
+        mean_ptr, scale_ptr, shift_ptr,  # (C,) float32/float64
         inner, C, s_outer, s_inner, s_channel, splits,
         RELU_MODE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
     offs, mask, c, c_mask = _elementwise_tile(splits, inner, C, s_outer, s_inner, s_channel,
@@ -233,9 +249,10 @@ def apply_kernel(
     v = tl.load(t_ptr + offs, mask=mask, other=0.0).to(acc)
     if RELU_MODE == 2:
         v = relu_keep_nan(v)
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
-    v = v * scale[None, :] + shift[None, :]
+    v = pre_activation(v, mean[None, :], scale[None, :], shift[None, :])
     if RELU_MODE == 1:
         v = relu_keep_nan(v)
     tl.store(out_ptr + offs, cast_to(v, out_ptr.dtype.element_ty), mask=mask)
@@ -261,7 +278,7 @@ def backward_reduce_kernel(
                                    inner, c_mask, BLOCK_I)
         g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(acc)
         t = tl.load(t_ptr + base + offs, mask=mask, other=0.0).to(acc)
-        gm, t_in = grad_and_input(g, t, scale, shift, RELU_MODE)
+        gm, t_in = grad_and_input(g, t, mean, scale, shift, RELU_MODE)
         sum_g += tl.sum(gm, axis=0)
         sum_gtc += tl.sum(tl.where(mask, gm * (t_in - mean), 0.0), axis=0)
     out = pid * C + c

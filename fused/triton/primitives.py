@@ -2,7 +2,7 @@
 semantics (math and kernels in norm_kernels.py).
 
     stats(t, relu_mode) -> (mean, var)
-    apply(t, scale, shift, relu_mode) -> out
+    apply(t, mean, scale, shift, relu_mode) -> out        out = act((t_in − mean)·scale + shift)
     backward_reduce(g, t, mean, scale, shift, relu_mode) -> (sum_g, sum_g_tc)
     backward_apply(g, t, mean, scale, shift, k1, k2, k3, relu_mode) -> dt
 
@@ -11,6 +11,17 @@ float64 in the kernels too (slow on consumer GPUs, exact everywhere), so the flo
 battery checks the Triton algebra to ~1e-12. float16/bfloat16 activations load in their own
 dtype and compute in float32. NCHW and channels_last; the gradient is brought to t's
 memory format when it differs.
+
+`mean` may also come as float64 for float32/float16/bfloat16 activations (the C++ backend
+keeps the mean's float64 digits, and every backend's ops return their batch statistics as
+float64, which the backward gets back): apply, backward_reduce and backward_apply round it
+to the accumulation dtype before the launch. The Triton path normalizes with the mean as
+rounded to float32 because its own statistics are float32 on a GPU anyway (stats_partial_kernel
+and the conv epilogue accumulate in float32, ops.py widens them only to return them): a
+float64 mean pointer would cost every kernel a second per-channel dtype for digits that
+this path never computed. What the centered form (t − mean)·scale + shift is for (no
+rounded beta − mean·scale offset on data far from zero, fused/_norm.py) holds with the
+float32 mean too.
 """
 from __future__ import annotations
 
@@ -36,16 +47,23 @@ def merge_blocks(c: int, gpu: bool) -> dict:
                 **_common.gpu_compile_options(gpu))
 
 
-def _check_vector(v: Tensor, what: str, t: Tensor, op: str) -> None:
+def _check_vector(v: Tensor, what: str, t: Tensor, op: str) -> Tensor:
+    """v, validated; the mean may be float64 too and is rounded to the accumulation dtype
+    (the module docstring says why)."""
     c = t.shape[1]
     if not isinstance(v, Tensor) or v.dim() != 1 or v.shape[0] != c:
         shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
         raise ValueError(f"{op}: {what} must have shape ({c},), got {shape}")
-    if v.dtype != _common.acc_dtype(t):
-        raise ValueError(f"{op}: {what} must be {_common.acc_dtype(t)} for {t.dtype} "
-                         f"activations, got {v.dtype}")
+    acc = _common.acc_dtype(t)
+    if what == "mean" and v.dtype == torch.float64:
+        v = v.to(acc)
+    if v.dtype != acc:
+        allowed = f"{acc} or torch.float64" if what == "mean" and acc != torch.float64 else acc
+        raise ValueError(f"{op}: {what} must be {allowed} for {t.dtype} activations, got "
+                         f"{v.dtype}")
     if v.device != t.device:
         raise RuntimeError(f"{op}: {what} is on {v.device} but the activations on {t.device}")
+    return v
 
 
 def _prepare(op: str, t: Tensor, relu_mode: int, vectors=(), g: Tensor | None = None):
@@ -71,9 +89,7 @@ def _prepare(op: str, t: Tensor, relu_mode: int, vectors=(), g: Tensor | None = 
             g = g.contiguous(memory_format=_common.memory_format(t))
             if g.stride() != t.stride():  # size-1 dimensions with odd strides
                 g = g.as_strided(t.shape, t.stride()).copy_(g)
-    for what, v in vectors:
-        _check_vector(v, what, t, op)
-    vectors = tuple(v.contiguous() for _, v in vectors)
+    vectors = tuple(_check_vector(v, what, t, op).contiguous() for what, v in vectors)
     return geo, g, vectors
 
 
@@ -121,15 +137,16 @@ def stats(t: Tensor, relu_mode: int) -> Tuple[Tensor, Tensor]:
     return merge_moments(*parts)
 
 
-def apply(t: Tensor, scale: Tensor, shift: Tensor, relu_mode: int) -> Tensor:
-    geo, _, (scale, shift) = _prepare("apply", t, relu_mode,
-                                      (("scale", scale), ("shift", shift)))
+def apply(t: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu_mode: int) -> Tensor:
+    geo, _, (mean, scale, shift) = _prepare(
+        "apply", t, relu_mode, (("mean", mean), ("scale", scale), ("shift", shift)))
     out = torch.empty_like(t)
     if t.numel():
         tiles = _common.tiling(geo, False, _common.gpu_launch(t), t.dtype)
-        K.apply_kernel[tiles.grid(geo)](t, out, scale, shift, *_strides(geo), tiles.splits,
-                                        RELU_MODE=relu_mode, BLOCK_I=tiles.block_i,
-                                        BLOCK_C=tiles.block_c, **tiles.options)
+        K.apply_kernel[tiles.grid(geo)](t, out, mean, scale, shift, *_strides(geo),
+                                        tiles.splits, RELU_MODE=relu_mode,
+                                        BLOCK_I=tiles.block_i, BLOCK_C=tiles.block_c,
+                                        **tiles.options)
     return out
 
 

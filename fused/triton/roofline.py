@@ -146,8 +146,8 @@ def _acc_size(dtype: torch.dtype) -> int:
 
 
 # Elementwise FLOPs per element of the BN passes (multiply-adds count two); they only matter
-# against bandwidth, which always dominates them.
-_ELEMENTWISE_FLOPS = {"stats_partial_kernel": 6, "apply_kernel": 3,
+# against bandwidth, which always dominates them. apply: (t − mean)·s + shift, then the ReLU.
+_ELEMENTWISE_FLOPS = {"stats_partial_kernel": 6, "apply_kernel": 4,
                       "backward_reduce_kernel": 6, "backward_apply_kernel": 8}
 # Tensors of size A each BN pass reads + writes (DESIGN §4's table).
 _BN_PASSES = {"stats_partial_kernel": 1, "apply_kernel": 2, "backward_reduce_kernel": 2,

@@ -22,7 +22,7 @@ def test_check_cpu_backend_quick(capsys):
 
 
 def test_check_reports_a_wrong_kernel(capsys, monkeypatch):
-    def wrong_apply(t, scale, shift, relu_mode):
+    def wrong_apply(t, mean, scale, shift, relu_mode):
         return torch.zeros_like(t)
 
     monkeypatch.setattr(_backend._reference, "apply", wrong_apply)

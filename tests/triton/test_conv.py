@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused import reference as R
+from fused import _norm, reference as R
 from fused.triton import conv as C, primitives as T
 
 pytestmark = pytest.mark.triton
@@ -122,13 +122,16 @@ def test_stats_epilogue_and_dy_prologue(channels_last, relu_mode, monkeypatch):
 @pytest.mark.parametrize("padding", [0, 1, 2])
 def test_norm_prologue_and_reduce_epilogue(padding):
     """norm → conv: x normalized on load with zero padding in normalized space (= conv of
-    the materialized norm(x)), and dgrad's epilogue reducing Σdn, Σdn·(x − mean)."""
+    the materialized norm(x)), and dgrad's epilogue reducing Σdn, Σdn·(x − mean). The
+    prologue takes the norm's affine form, x·s + affine_shift(mean, s, shift)."""
     x = torch.randn(2, 3, 7, 5, dtype=torch.float64) * 2 + 1
     w, b = torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
     scale, shift = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
     args = ([1, 2], [padding, padding], [1, 1])
-    normed = R.apply(x, scale, shift, 0)
-    out, _ = C.conv_forward(x, w, b, *args, in_scale=scale, in_shift=shift, relu=True)
+    mean = x.mean((0, 2, 3))
+    in_shift = _norm.affine_shift(mean, scale, shift)
+    normed = R.apply(x, mean, scale, shift, 0)
+    out, _ = C.conv_forward(x, w, b, *args, in_scale=scale, in_shift=in_shift, relu=True)
     torch.testing.assert_close(out, F.relu(F.conv2d(normed, w, b, *args)), rtol=1e-12,
                                atol=1e-12)
 
@@ -136,13 +139,12 @@ def test_norm_prologue_and_reduce_epilogue(padding):
     g_masked = torch.where(out > 0, g, 0.0)
     ref_dn, ref_dw, ref_db = torch.ops.aten.convolution_backward(
         g_masked, normed, w, [4], *args, False, [0, 0], 1, [True, True, True])
-    mean = x.mean((0, 2, 3))
     dn, sums = C.conv_input_grad(g, w, x, *args, prologue=2, saved=out, reduce_mean=mean)
     torch.testing.assert_close(dn, ref_dn, rtol=1e-12, atol=1e-12)
     for got, exp in zip(sums, R.backward_reduce(ref_dn, x, mean, scale, shift, 0)):
         torch.testing.assert_close(got, exp, rtol=1e-11, atol=1e-11)
     dw, db = C.conv_weight_grad(g, x, w, *args, prologue=2, saved=out, in_scale=scale,
-                                in_shift=shift)
+                                in_shift=in_shift)
     torch.testing.assert_close(dw, ref_dw, rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(db, ref_db, rtol=1e-11, atol=1e-11)
 

@@ -164,10 +164,10 @@ def test_primitives_with_gpu_tiles(channels_last, relu_mode, launches):
     g = torch.randn_like(t)
     c = t.shape[1]
     mean, scale, shift, k1, k2, k3 = (torch.randn(c, dtype=torch.float64) for _ in range(6))
-    got = [T.stats(t, relu_mode), T.apply(t, scale, shift, relu_mode),
+    got = [T.stats(t, relu_mode), T.apply(t, mean, scale, shift, relu_mode),
            T.backward_reduce(g, t, mean, scale, shift, relu_mode),
            T.backward_apply(g, t, mean, scale, shift, k1, k2, k3, relu_mode)]
-    expected = [R.stats(t, relu_mode), R.apply(t, scale, shift, relu_mode),
+    expected = [R.stats(t, relu_mode), R.apply(t, mean, scale, shift, relu_mode),
                 R.backward_reduce(g, t, mean, scale, shift, relu_mode),
                 R.backward_apply(g, t, mean, scale, shift, k1, k2, k3, relu_mode)]
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -46,9 +46,9 @@ def test_primitives_match_reference(dtype, channels_last, relu_mode):
     torch.testing.assert_close(mean.double(), ref_mean, rtol=0, atol=acc_tol * data)
     torch.testing.assert_close(var.double(), ref_var, rtol=0, atol=acc_tol * data ** 2)
 
-    out = T.apply(t, v["scale"], v["shift"], relu_mode)
+    out = T.apply(t, v["mean"], v["scale"], v["shift"], relu_mode)
     assert out.dtype == t.dtype and out.stride() == t.stride()
-    _close(out, R.apply(t, v["scale"], v["shift"], relu_mode), OUT_RTOL[dtype])
+    _close(out, R.apply(t, v["mean"], v["scale"], v["shift"], relu_mode), OUT_RTOL[dtype])
 
     sums = T.backward_reduce(g, t, v["mean"], v["scale"], v["shift"], relu_mode)
     ref_sums = R.backward_reduce(g.double(), t.double(), v["mean"].double(),
@@ -113,10 +113,57 @@ def test_deterministic():
 def test_nan_propagates_like_reference():
     t = torch.randn(2, 3, 4, 4)
     t[0, 1, 2, 2] = float("nan")
-    s, b = torch.ones(3), torch.zeros(3)
+    m, s, b = torch.zeros(3), torch.ones(3), torch.zeros(3)
     for mode in (0, 1, 2):
-        assert torch.equal(T.apply(t, s, b, mode).isnan(), R.apply(t, s, b, mode).isnan())
+        assert torch.equal(T.apply(t, m, s, b, mode).isnan(), R.apply(t, m, s, b, mode).isnan())
         assert torch.equal(T.stats(t, mode)[1].isnan(), R.stats(t, mode)[1].isnan())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_float64_mean_is_rounded_to_the_accumulation_dtype(dtype):
+    """A float64 mean (the C++ backend's, or the ops' saved batch mean) gives exactly what
+    the mean rounded to float32 gives: the Triton path normalizes with the float32 mean."""
+    t, g, v = _inputs(dtype, False)
+    wide = v["mean"].double() + 1e-9  # digits that float32 does not keep
+    rounded = wide.float()
+    for mode in (0, 1, 2):
+        assert torch.equal(T.apply(t, wide, v["scale"], v["shift"], mode),
+                           T.apply(t, rounded, v["scale"], v["shift"], mode))
+        for a, b in zip(T.backward_reduce(g, t, wide, v["scale"], v["shift"], mode),
+                        T.backward_reduce(g, t, rounded, v["scale"], v["shift"], mode)):
+            assert torch.equal(a, b)
+        ks = (v["k1"], v["k2"], v["k3"])
+        assert torch.equal(T.backward_apply(g, t, wide, v["scale"], v["shift"], *ks, mode),
+                           T.backward_apply(g, t, rounded, v["scale"], v["shift"], *ks, mode))
+
+
+def test_apply_is_centered_far_from_zero():
+    """mean 1e4, std 1 in float32: (t − mean)·s + shift keeps each output to ~1 ulp of its
+    own size; the affine form t·s + (shift − mean·s) would be off by ~ulp(1e4·s) ≈ 1e-3·s."""
+    t = (torch.randn(2, 3, 8, 8, dtype=torch.float64) + 1e4).float()
+    mean = t.double().mean((0, 2, 3)).float()
+    scale, shift = torch.rand(3) + 0.5, torch.randn(3)
+    expected = ((t.double() - mean.double()[:, None, None]) * scale.double()[:, None, None]
+                + shift.double()[:, None, None])
+    _close(T.apply(t, mean, scale, shift, 0), expected, OUT_RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_relu_after_mask_is_the_forward_relu(channels_last):
+    """relu_mode 1: the backward's mask [(t − mean)·s + shift > 0] is bit for bit where the
+    forward's ReLU let the value through, also for values whose pre-activation is 0 or
+    within rounding of it (t at the mean)."""
+    t, g, v = _inputs(torch.float32, channels_last, shape=(3, 5, 7, 9))
+    mean = t[0, :, 0, 0].clone()            # some values sit exactly at the mean
+    t[1, :, 2, 3] = mean + 1e-6 * mean.abs()  # and some one or two ulps from it
+    shift = torch.zeros(5)
+    shift[1] = 1e-7
+    out = T.apply(t, mean, v["scale"], shift, 1)
+    ones, zeros = torch.ones(5), torch.zeros(5)
+    masked = T.backward_apply(g, t, mean, v["scale"], shift, ones, zeros, zeros, 1)
+    assert torch.equal(masked, torch.where(out > 0, g, 0.0))
+    sum_g, _ = T.backward_reduce(g, t, mean, v["scale"], shift, 1)
+    torch.testing.assert_close(sum_g, masked.sum((0, 2, 3)), rtol=0, atol=1e-5)
 
 
 def test_gradient_in_other_layout_is_accepted():
@@ -130,8 +177,16 @@ def test_gradient_in_other_layout_is_accepted():
     (lambda t, v: T.stats(t, 3), ValueError, "relu_mode"),
     (lambda t, v: T.stats(t.transpose(2, 3), 0), ValueError, "contiguous or channels_last"),
     (lambda t, v: T.stats(t[0, 0, 0], 0), ValueError, "channel dimension"),
-    (lambda t, v: T.apply(t, v["scale"][:2], v["shift"], 0), ValueError, r"shape \(5,\)"),
-    (lambda t, v: T.apply(t, v["scale"].double(), v["shift"], 0), ValueError, "float32"),
+    (lambda t, v: T.apply(t, v["mean"], v["scale"][:2], v["shift"], 0), ValueError,
+     r"shape \(5,\)"),
+    (lambda t, v: T.apply(t, v["mean"][:2], v["scale"], v["shift"], 0), ValueError,
+     r"mean must have shape \(5,\)"),
+    (lambda t, v: T.apply(t, v["mean"], v["scale"].double(), v["shift"], 0), ValueError,
+     "float32"),
+    (lambda t, v: T.apply(t, v["mean"].half(), v["scale"], v["shift"], 0), ValueError,
+     "mean must be torch.float32 or torch.float64"),
+    (lambda t, v: T.backward_apply(t, t, v["mean"], v["scale"], v["shift"].double(),
+                                   v["k1"], v["k2"], v["k3"], 0), ValueError, "shift must be"),
     (lambda t, v: T.backward_apply(t[:1], t, *v.values(), 0), ValueError, "gradient size"),
     (lambda t, v: T.backward_reduce(t.half(), t, v["mean"], v["scale"], v["shift"], 0),
      ValueError, "gradient dtype"),
