@@ -21,7 +21,8 @@ and the conv epilogue accumulate in float32, ops.py widens them only to return t
 float64 mean pointer would cost every kernel a second per-channel dtype for digits that
 this path never computed. What the centered form (t − mean)·scale + shift is for (no
 rounded beta − mean·scale offset on data far from zero, fused/_norm.py) holds with the
-float32 mean too.
+float32 mean too, and it is the form PyTorch's CUDA batch norm applies
+(gamma·(x − mean)·invstd + beta), so the Triton passes round as eager does on a GPU.
 """
 from __future__ import annotations
 
