@@ -121,12 +121,13 @@ def _norm_conv_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
                                             beta, mean_in, var_in, eps, norm, relu)
     batch_stats = norm != "affine" and mean_in is None
     prims = _backend.primitives(x)
-    _, mean, var, scale, shift = _norm.forward(prims, x, gamma, beta, mean_in, var_in, eps,
-                                               norm, RELU_NONE, False, sync)
+    _, mean, var, _, _ = _norm.forward(prims, x, gamma, beta, mean_in, var_in, eps, norm,
+                                       RELU_NONE, False, sync)
     used = (mean, var) if batch_stats else (mean_in, var_in)
-    # The mean the norm centers on: the batch's, the running one, or 0 for the affine norm.
-    center = (used[0].to(torch.float64) if used[0] is not None
-              else torch.zeros(x.shape[1], dtype=torch.float64, device=x.device))
+    # The coefficients exactly as the backward forms them (the mean it centers on included),
+    # so that the backward's recomputed norm(x) is the forward's.
+    scale, shift, center, _ = _norm.coefficients(norm, *used, gamma, beta, eps, x.shape[1], x,
+                                                 prims)
     if _folds(prims, x, weight, norm, *used, eps):
         out_hw = _norm.conv_output_hw(x, weight, stride, padding, dilation)
         scaled_weight, border = _fold_ops(prims).fold_forward(
