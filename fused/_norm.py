@@ -140,7 +140,10 @@ def forward(prims, t: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
         mean, var = getattr(prims, "exact_stats", prims.stats)(t, relu_mode)
     else:
         mean, var = mean_in, var_in
-    scale, shift, mean_c, _ = coefficients(norm, mean, var, gamma, beta, eps, channels, t)
+    # The backend's own coefficients where it has them: its passes expect the mean as its
+    # coefficients give it (csrc/norm.cpp decides per channel which digits it keeps).
+    scale, shift, mean_c, _ = coefficients(norm, mean, var, gamma, beta, eps, channels, t,
+                                           prims)
     out = prims.apply(t, mean_c, scale, shift, relu_mode) if apply else t.new_empty(0)
     if batch_stats:
         mean, var = mean.to(torch.float64), var.to(torch.float64)
@@ -160,7 +163,8 @@ def backward(prims, g: Tensor, t: Tensor, mean: Optional[Tensor], var: Optional[
                                                 input_grad)
         return (dt if input_grad else None), dgamma, dbeta
     channels = t.shape[1]
-    scale, shift, mean_c, rstd = coefficients(norm, mean, var, gamma, beta, eps, channels, t)
+    scale, shift, mean_c, rstd = coefficients(norm, mean, var, gamma, beta, eps, channels, t,
+                                              prims)
     sum_g, sum_gtc = prims.backward_reduce(g, t, mean_c, scale, shift, relu_mode)
     count = t.numel() // channels
     if sync >= 0 and batch_stats:
